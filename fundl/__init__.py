@@ -1,0 +1,82 @@
+"""fundl: a functional neural-network library for JAX.
+
+Every layer is a :class:`Layer`, a pair of pure functions ``init(key, *inputs) -> (params,
+state)`` and ``apply(params, state, *inputs, key=None, train=False) -> (outputs, state)``;
+combinators compose them, XLA compiles them, optax trains them.
+"""
+
+from fundl import datasets, metrics
+from fundl.activations import (
+    elu,
+    gelu,
+    leaky_relu,
+    log_softmax,
+    relu,
+    sigmoid,
+    silu,
+    softmax,
+    swish,
+    tanh,
+)
+from fundl.combinators import (
+    as_layer,
+    branch,
+    fan_in_concat,
+    fan_in_sum,
+    fan_out,
+    function,
+    identity,
+    parallel,
+    residual,
+    serial,
+    shared,
+)
+from fundl.core import ApplyFn, InitFn, Layer, Params, State
+from fundl.dense import dense, flatten, reshape
+from fundl.metrics import accuracy, masked_mean
+from fundl.summary import summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # the contract
+    "Layer",
+    "InitFn",
+    "ApplyFn",
+    "Params",
+    "State",
+    # combinators
+    "serial",
+    "parallel",
+    "branch",
+    "fan_out",
+    "fan_in_sum",
+    "fan_in_concat",
+    "residual",
+    "shared",
+    "function",
+    "identity",
+    "as_layer",
+    # layers
+    "dense",
+    "flatten",
+    "reshape",
+    # activations (from jax.nn)
+    "relu",
+    "leaky_relu",
+    "elu",
+    "gelu",
+    "silu",
+    "swish",
+    "sigmoid",
+    "tanh",
+    "softmax",
+    "log_softmax",
+    # metrics and tools
+    "accuracy",
+    "masked_mean",
+    "summary",
+    # submodules
+    "datasets",
+    "metrics",
+]

@@ -1,0 +1,370 @@
+"""Combinators: build models out of layers (serial, parallel, fan-out/fan-in, residual)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fundl.core import Layer, layer_name, named, with_path
+
+__all__ = [
+    "as_layer",
+    "function",
+    "serial",
+    "parallel",
+    "fan_out",
+    "fan_in_sum",
+    "fan_in_concat",
+    "branch",
+    "residual",
+    "shared",
+    "identity",
+]
+
+LayerLike = Layer | Callable[..., Any]
+
+
+def function(fn: Callable[..., Any], name: str | None = None) -> Layer:
+    """Wraps a plain function of arrays as a stateless, parameter-free layer.
+
+    Any ``array -> array`` function (``jax.nn.relu``, ``jnp.tanh``, a ``lambda``) becomes a
+    layer with params ``()`` and state ``()``; :func:`serial` does this for you when you pass
+    the function itself.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, fundl as fl
+        >>> square = fl.function(lambda x: x**2, name="square")
+        >>> square.apply((), (), jnp.arange(3.0))[0]
+        Array([0., 1., 4.], dtype=float32)
+
+    Args:
+        fn: called as ``fn(*inputs)``; must return arrays (or a pytree of arrays).
+        name: the name shown in errors and summaries (default: ``fn.__name__``).
+
+    Returns:
+        A :class:`~fundl.Layer`.
+    """
+    if isinstance(fn, Layer) or not callable(fn):
+        raise TypeError(
+            f"function() takes a plain callable such as jax.nn.relu, got {type(fn).__name__}."
+        )
+    label = name or getattr(fn, "__name__", type(fn).__name__)
+
+    def init(key, *inputs):
+        del key, inputs
+        return (), ()
+
+    def apply(params, state, *inputs, key=None, train=False):
+        del params, key, train
+        out = fn(*inputs)
+        if isinstance(out, Layer) or callable(out):
+            raise TypeError(
+                f"{label}: returned a {type(out).__name__}, not arrays. A layer constructor "
+                f"was passed uncalled; call it with its arguments, e.g. fl.{label}(64)."
+            )
+        return out, state
+
+    return named(Layer(init, apply), label)
+
+
+def as_layer(layer: LayerLike) -> Layer:
+    """Returns ``layer`` if it is a :class:`~fundl.Layer`, else wraps it with :func:`function`.
+
+    Raises:
+        TypeError: if ``layer`` is neither a layer nor callable.
+    """
+    if isinstance(layer, Layer):
+        return layer
+    if getattr(layer, "__annotations__", {}).get("return") in ("Layer", Layer):
+        name = getattr(layer, "__name__", "layer")
+        raise TypeError(
+            f"got the layer constructor {name} itself, not a layer. Call it with its "
+            f"arguments, e.g. fl.{name}(...) instead of fl.{name}."
+        )
+    if callable(layer):
+        return function(layer)
+    raise TypeError(
+        f"expected a fundl Layer or a function of arrays, got {type(layer).__name__} "
+        f"({layer!r}). Build layers with their constructors, e.g. fl.dense(64)."
+    )
+
+
+def _children(layers: Sequence[LayerLike], named_layers: dict[str, LayerLike], who: str):
+    if layers and named_layers:
+        raise TypeError(
+            f"{who}: pass layers either positionally or by keyword, not both "
+            f"(got {len(layers)} positional and {sorted(named_layers)})."
+        )
+    if not layers and not named_layers:
+        raise ValueError(
+            f"{who}() needs at least one layer, got none. Pass layers, e.g. "
+            f"fl.{who}(fl.dense(64), jax.nn.relu)."
+        )
+    names = tuple(named_layers) if named_layers else None
+    given = tuple(named_layers.values()) if named_layers else layers
+    children = []
+    for segment, layer in zip(_segments(who, names, len(given)), given, strict=True):
+        children.append(_call(segment, as_layer, layer))
+    return names, tuple(children)
+
+
+def _segments(who: str, names: tuple[str, ...] | None, n: int) -> list[str]:
+    return [f"{who}[{name}]" for name in (names if names is not None else range(n))]
+
+
+def _pack(names: tuple[str, ...] | None, values: list[Any]) -> Any:
+    return dict(zip(names, values, strict=True)) if names is not None else tuple(values)
+
+
+def _unpack(names: tuple[str, ...] | None, tree: Any, n: int, what: str, who: str) -> list[Any]:
+    if names is not None:
+        if not isinstance(tree, dict) or set(tree) != set(names):
+            got = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
+            raise ValueError(f"{who}: {what} should be a dict with keys {list(names)}, got {got}.")
+        return [tree[name] for name in names]
+    if not isinstance(tree, tuple | list) or len(tree) != n:
+        got = f"length {len(tree)}" if isinstance(tree, tuple | list) else type(tree).__name__
+        raise ValueError(f"{who}: {what} should be a tuple of {n} entries, got {got}.")
+    return list(tree)
+
+
+def _split(key: jax.Array | None, n: int) -> list[jax.Array | None]:
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+def _shape_of(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), tree)
+
+
+def _call(segment: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise with_path(err, segment) from None
+
+
+def serial(*layers: LayerLike, **named_layers: LayerLike) -> Layer:
+    """Chains layers: the output of each is the input of the next.
+
+    Plain functions (``jax.nn.relu``) are wrapped with :func:`function`. The first layer
+    receives all of ``apply``'s inputs; each later layer receives the previous output.
+    Params and state are a tuple with one entry per layer, or a dict when the layers are
+    passed by keyword (``serial(body=..., head=...)``), which makes surgery and transfer
+    learning read well: ``params["head"]``. ``init`` and ``apply`` split their key into one
+    key per layer, so two dropout layers never share a mask.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, fundl as fl
+        >>> model = fl.serial(fl.flatten(), fl.dense(16), jax.nn.relu, fl.dense(10))
+        >>> params, state = model.init(jax.random.key(0), jnp.zeros((1, 8, 8)))
+        >>> logits, state = model.apply(params, state, jnp.ones((4, 8, 8)))
+        >>> logits.shape
+        (4, 10)
+
+    Args:
+        *layers: layers or functions, applied in order.
+        **named_layers: the same, by name (use one form or the other).
+
+    Returns:
+        A :class:`~fundl.Layer`.
+    """
+    names, children = _children(layers, named_layers, "serial")
+    segments = _segments("serial", names, len(children))
+
+    def init(key, *inputs):
+        params, states = [], []
+        for segment, child, k in zip(segments, children, _split(key, len(children)), strict=True):
+            p, s = _call(segment, child.init, k, *inputs)
+            out, _ = _call(segment, jax.eval_shape, child.apply, p, s, *inputs)
+            inputs = (out,)
+            params.append(p)
+            states.append(s)
+        return _pack(names, params), _pack(names, states)
+
+    def apply(params, state, *inputs, key=None, train=False):
+        n = len(children)
+        params = _unpack(names, params, n, "params", "serial")
+        state = _unpack(names, state, n, "state", "serial")
+        new_states = []
+        keys = _split(key, n)
+        for segment, child, p, s, k in zip(segments, children, params, state, keys, strict=True):
+            out, s = _call(segment, child.apply, p, s, *inputs, key=k, train=train)
+            inputs = (out,)
+            new_states.append(s)
+        return inputs[0], _pack(names, new_states)
+
+    return named(Layer(init, apply), "serial", tuple(zip(segments, children, strict=True)))
+
+
+def parallel(*layers: LayerLike, **named_layers: LayerLike) -> Layer:
+    """Applies layer ``i`` to input ``i`` and returns the tuple of outputs (stax's parallel).
+
+    Takes one input per layer, either as separate arguments or as one tuple (the output of
+    :func:`fan_out` or of an earlier ``parallel``), and returns a tuple of outputs in the
+    same order. Params and state are a tuple (or dict, for keyword layers) as in
+    :func:`serial`.
+
+    Args:
+        *layers: layers or functions, one per input.
+        **named_layers: the same, by name.
+
+    Returns:
+        A :class:`~fundl.Layer`.
+    """
+    names, children = _children(layers, named_layers, "parallel")
+    segments = _segments("parallel", names, len(children))
+    n = len(children)
+
+    def split_inputs(inputs):
+        if len(inputs) == 1 and isinstance(inputs[0], tuple | list) and len(inputs[0]) == n:
+            inputs = tuple(inputs[0])
+        if len(inputs) != n:
+            raise ValueError(
+                f"parallel: expected {n} inputs (one per layer), got {len(inputs)}. "
+                f"Feed it a tuple of {n} arrays, e.g. with fl.fan_out({n}) before it."
+            )
+        return inputs
+
+    def init(key, *inputs):
+        inputs = split_inputs(inputs)
+        pairs = [
+            _call(seg, child.init, k, x)
+            for seg, child, k, x in zip(segments, children, _split(key, n), inputs, strict=True)
+        ]
+        return _pack(names, [p for p, _ in pairs]), _pack(names, [s for _, s in pairs])
+
+    def apply(params, state, *inputs, key=None, train=False):
+        inputs = split_inputs(inputs)
+        params = _unpack(names, params, n, "params", "parallel")
+        state = _unpack(names, state, n, "state", "parallel")
+        outs, new_states = [], []
+        for seg, child, p, s, k, x in zip(
+            segments, children, params, state, _split(key, n), inputs, strict=False
+        ):
+            out, s = _call(seg, child.apply, p, s, x, key=k, train=train)
+            outs.append(out)
+            new_states.append(s)
+        return tuple(outs), _pack(names, new_states)
+
+    return named(Layer(init, apply), "parallel", tuple(zip(segments, children, strict=True)))
+
+
+def fan_out(n: int) -> Layer:
+    """Copies its input ``n`` times: ``x -> (x, x, ..., x)``.
+
+    Args:
+        n: the number of copies, at least 1.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"fan_out(n): n must be a positive int, got {n!r}.")
+    return function(lambda x: (x,) * n, name=f"fan_out({n})")
+
+
+def fan_in_sum() -> Layer:
+    """Sums a tuple of arrays of the same shape: ``(a, b, ...) -> a + b + ...``."""
+
+    def fan_in_sum(xs):
+        shapes = {jnp.shape(x) for x in xs}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"fan_in_sum: inputs must have one shape, got {[jnp.shape(x) for x in xs]}."
+            )
+        return sum(xs[1:], start=xs[0])
+
+    return function(fan_in_sum, name="fan_in_sum")
+
+
+def fan_in_concat(axis: int = -1) -> Layer:
+    """Concatenates a tuple of arrays along ``axis`` (default: the feature axis)."""
+    return function(lambda xs: jnp.concatenate(xs, axis=axis), name=f"fan_in_concat({axis})")
+
+
+def branch(*layers: LayerLike, **named_layers: LayerLike) -> Layer:
+    """Feeds one input to every layer and returns the tuple of outputs (fan-out).
+
+    ``branch(a, b)`` is ``serial(fan_out(2), parallel(a, b))`` with flatter params: a tuple
+    (or dict) with one entry per branch. Follow it with :func:`fan_in_sum` or
+    :func:`fan_in_concat` to merge.
+
+    Args:
+        *layers: layers or functions, each applied to the same input.
+        **named_layers: the same, by name.
+
+    Returns:
+        A :class:`~fundl.Layer` whose output is a tuple.
+    """
+    names, children = _children(layers, named_layers, "branch")
+    inner = parallel(**dict(zip(names, children, strict=True))) if names else parallel(*children)
+    n = len(children)
+
+    def init(key, *inputs):
+        return inner.init(key, *(inputs * n))
+
+    def apply(params, state, *inputs, key=None, train=False):
+        return inner.apply(params, state, *(inputs * n), key=key, train=train)
+
+    segments = _segments("branch", names, n)
+    return named(Layer(init, apply), "branch", tuple(zip(segments, children, strict=True)))
+
+
+def residual(layer: LayerLike) -> Layer:
+    """A skip connection: ``x -> x + layer(x)``.
+
+    The wrapped layer's output must have the input's shape. Params and state are those of
+    the wrapped layer.
+
+    Args:
+        layer: the layer (or function) on the residual branch.
+    """
+    child = as_layer(layer)
+    label = f"residual({layer_name(child)})"
+
+    def apply(params, state, x, key=None, train=False):
+        y, state = _call("residual", child.apply, params, state, x, key=key, train=train)
+        if jnp.shape(y) != jnp.shape(x):
+            raise ValueError(
+                f"{label}: the branch maps shape {jnp.shape(x)} to {jnp.shape(y)}; a residual "
+                f"needs equal shapes. Make the branch's last layer output {jnp.shape(x)[-1]} "
+                f"features."
+            )
+        return x + y, state
+
+    def init(key, x):
+        return _call("residual", child.init, key, x)
+
+    return named(Layer(init, apply), label, (("residual", child),))
+
+
+def shared(layer: LayerLike, times: int) -> Layer:
+    """Applies one layer ``times`` times in a row with the same params (weight sharing).
+
+    ``shared(dense(64), 3)`` is ``x -> d(d(d(x)))`` with a single set of ``dense`` params, as
+    in weight-tied stacks (ALBERT) or unrolled recurrences. The layer must map its output
+    shape to itself after the first application. Each application gets its own key.
+
+    Args:
+        layer: the layer (or function) to repeat.
+        times: how many applications, at least 1.
+    """
+    child = as_layer(layer)
+    if not isinstance(times, int) or times < 1:
+        raise ValueError(f"shared(layer, times): times must be a positive int, got {times!r}.")
+
+    def init(key, *inputs):
+        return _call("shared", child.init, key, *inputs)
+
+    def apply(params, state, *inputs, key=None, train=False):
+        for k in _split(key, times):
+            out, state = _call("shared", child.apply, params, state, *inputs, key=k, train=train)
+            inputs = (out,)
+        return inputs[0], state
+
+    return named(Layer(init, apply), f"shared({layer_name(child)}, {times})", (("shared", child),))
+
+
+def identity() -> Layer:
+    """The identity layer: returns its input unchanged."""
+    return function(lambda x: x, name="identity")

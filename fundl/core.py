@@ -1,0 +1,183 @@
+"""The layer contract: a ``Layer`` is a pair of pure functions, ``init`` and ``apply``.
+
+Everything else in fundl (dense, conv, recurrent and attention layers, the combinators that
+compose them, the training loop and the testing kit) is written against this one contract.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "Layer",
+    "InitFn",
+    "ApplyFn",
+    "Params",
+    "State",
+    "layer_name",
+    "named",
+    "default_float_dtype",
+    "check_floating",
+    "with_path",
+]
+
+Params = Any
+"""A pytree of arrays: the trainable weights of a layer (``()`` when it has none)."""
+
+State = Any
+"""A pytree of arrays: the non-trained state of a layer (``()`` when it has none)."""
+
+
+class InitFn(Protocol):
+    """Creates a layer's params and state from example inputs."""
+
+    def __call__(self, key: jax.Array, *inputs: Any) -> tuple[Params, State]:
+        """Returns ``(params, state)`` for inputs shaped like ``inputs``.
+
+        Args:
+            key: a PRNG key (``jax.random.key``) for random initializers.
+            *inputs: example inputs, arrays or ``jax.ShapeDtypeStruct``; only their shapes and
+                dtypes are read, so ``jax.eval_shape(layer.init, key, spec)`` allocates
+                nothing.
+
+        Returns:
+            ``(params, state)``: two pytrees of arrays; either may be empty (``()``).
+        """
+
+
+class ApplyFn(Protocol):
+    """Runs a layer: a pure function of its params, state, inputs, key and mode."""
+
+    def __call__(
+        self,
+        params: Params,
+        state: State,
+        *inputs: Any,
+        key: jax.Array | None = None,
+        train: bool = False,
+    ) -> tuple[Any, State]:
+        """Returns ``(outputs, new_state)``.
+
+        Args:
+            params: the pytree ``init`` returned (or a trained copy of it).
+            state: the state pytree ``init`` returned, or the one a previous call returned.
+            *inputs: the layer's inputs (arrays or pytrees of arrays).
+            key: a PRNG key for stochastic layers (dropout); may be ``None`` when no layer
+                draws random numbers. A stochastic layer in training mode without a key
+                raises a ``ValueError``.
+            train: ``True`` in training mode (dropout active, batch statistics updated).
+
+        Returns:
+            ``(outputs, new_state)``. Stateless layers return the state they were given.
+        """
+
+
+class Layer(NamedTuple):
+    """A neural-network layer: two pure functions, like optax's ``GradientTransformation``.
+
+    ``init(key, *inputs) -> (params, state)`` builds the parameters and the state from
+    example inputs (arrays or ``jax.ShapeDtypeStruct``); ``apply(params, state, *inputs,
+    key=None, train=False) -> (outputs, state)`` runs the layer. Both are pure, so both can
+    be wrapped in ``jax.jit``, ``jax.grad``, ``jax.vmap`` and ``jax.eval_shape``; params
+    and state are plain pytrees that optax, ``jax.tree_util`` and checkpoint libraries use
+    as they are. A ``Layer`` unpacks like a tuple: ``init, apply = fl.dense(10)``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, fundl as fl
+        >>> layer = fl.dense(3)
+        >>> params, state = layer.init(jax.random.key(0), jnp.zeros((2, 4)))
+        >>> y, state = layer.apply(params, state, jnp.ones((2, 4)))
+        >>> y.shape
+        (2, 3)
+
+    Attributes:
+        init: an :class:`InitFn`.
+        apply: an :class:`ApplyFn`.
+    """
+
+    init: InitFn
+    apply: ApplyFn
+
+    @property
+    def name(self) -> str:
+        """A short description of the layer, e.g. ``"dense(64)"``, used in errors."""
+        return layer_name(self)
+
+    @property
+    def children(self) -> tuple[tuple[str, Layer], ...]:
+        """``(path_segment, layer)`` pairs of the layers a combinator holds (else ``()``)."""
+        return getattr(self.apply, "_fundl_children", ())
+
+
+def named(layer: Layer, name: str, children: tuple[tuple[str, Layer], ...] = ()) -> Layer:
+    """Attaches a display name (and the children of a combinator) to a layer's ``apply``.
+
+    The name appears in error messages and in :func:`fundl.summary`; it has no effect on the
+    computation.
+
+    Args:
+        layer: the layer to describe.
+        name: a short description, e.g. ``"dense(64)"``.
+        children: for combinators, ``(path_segment, child)`` pairs, e.g. ``(("[0]", a),)``.
+
+    Returns:
+        The same layer.
+    """
+    layer.apply._fundl_name = name  # type: ignore[attr-defined]
+    layer.apply._fundl_children = tuple(children)  # type: ignore[attr-defined]
+    return layer
+
+
+def layer_name(layer: Layer) -> str:
+    """The display name of ``layer`` (see :func:`named`), or its apply function's name."""
+    apply = layer.apply
+    return getattr(apply, "_fundl_name", getattr(apply, "__name__", type(apply).__name__))
+
+
+def default_float_dtype() -> jnp.dtype:
+    """``float64`` when ``jax_enable_x64`` is on, else ``float32`` (the default param dtype)."""
+    return jnp.dtype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+
+
+def check_floating(name: str, x: Any, hint: str = "") -> None:
+    """Raises a ``TypeError`` naming layer ``name`` if ``x`` is not a floating-point array.
+
+    Args:
+        name: the layer's display name, e.g. ``"dense(64)"``.
+        x: an array or ``jax.ShapeDtypeStruct``.
+        hint: a sentence on how to fix it, appended to the message.
+    """
+    dtype = jnp.dtype(x.dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        fix = hint or "Cast it first, e.g. x.astype(jnp.float32)."
+        raise TypeError(f"{name}: input dtype is {dtype}, expected a floating-point dtype. {fix}")
+
+
+def with_path(err: Exception, segment: str) -> Exception:
+    """Prefixes ``err``'s message with the path ``segment`` of the layer that raised it.
+
+    Combinators call this when a child raises ``ValueError`` or ``TypeError`` so that the
+    message names the layer's position in the model, e.g. ``serial[2] dense(64): ...``.
+    The exception keeps its type and traceback.
+
+    Args:
+        err: the exception a child layer raised.
+        segment: the child's position, e.g. ``"serial[2]"`` or ``"serial[head]"``.
+
+    Returns:
+        ``err`` with its message rewritten, ready to re-raise.
+    """
+    if not err.args or not isinstance(err.args[0], str):
+        return err
+    path = getattr(err, "_fundl_path", [])
+    message = getattr(err, "_fundl_message", err.args[0])
+    err._fundl_path = [segment, *path]  # type: ignore[attr-defined]
+    err._fundl_message = message  # type: ignore[attr-defined]
+    joined = "".join(err._fundl_path[:1]) + "".join(
+        s if s.startswith("[") else "." + s for s in err._fundl_path[1:]
+    )
+    err.args = (f"{joined} {message}", *err.args[1:])
+    return err

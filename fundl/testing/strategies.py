@@ -1,0 +1,196 @@
+"""Hypothesis strategies that draw valid layer configurations with matching inputs.
+
+Each ``*_cases()`` strategy draws a :class:`LayerCase`: a layer, inputs it accepts, and the
+output shapes its documentation promises. Feed them to :func:`fundl.testing.check_layer`:
+
+Example:
+    >>> from hypothesis import given, settings
+    >>> from fundl.testing import check_layer, strategies as fst
+    >>> @settings(max_examples=3, deadline=None)
+    ... @given(fst.dense_cases())
+    ... def test_dense(case):
+    ...     check_layer(case.layer, *case.inputs, output_shapes=case.output_shapes)
+    >>> test_dense()
+
+Arrays are drawn as a seed for NumPy's generator rather than element by element: layer
+properties do not hinge on particular values, and it keeps each example cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from hypothesis import strategies as st
+
+import fundl as fl
+from fundl.core import Layer
+
+__all__ = [
+    "LayerCase",
+    "batch_sizes",
+    "feature_sizes",
+    "normal_arrays",
+    "activations",
+    "dense_cases",
+    "flatten_cases",
+    "reshape_cases",
+    "function_cases",
+    "serial_cases",
+    "parallel_cases",
+    "branch_cases",
+    "residual_cases",
+    "shared_cases",
+]
+
+
+class LayerCase(NamedTuple):
+    """A drawn layer with inputs it accepts.
+
+    Attributes:
+        layer: the layer.
+        inputs: a tuple of input arrays (NumPy, float32 unless stated).
+        output_shapes: the documented shape of the output (a pytree of shape tuples).
+        train: whether to apply it in training mode.
+    """
+
+    layer: Layer
+    inputs: tuple[Any, ...]
+    output_shapes: Any
+    train: bool = False
+
+
+def batch_sizes(max_size: int = 4) -> st.SearchStrategy[int]:
+    """Batch sizes from 1 to ``max_size``."""
+    return st.integers(1, max_size)
+
+
+def feature_sizes(max_size: int = 8) -> st.SearchStrategy[int]:
+    """Feature sizes from 1 to ``max_size``."""
+    return st.integers(1, max_size)
+
+
+def normal_arrays(shape: tuple[int, ...], dtype: Any = np.float32) -> st.SearchStrategy:
+    """Standard-normal arrays of ``shape`` and ``dtype``, drawn from a hypothesis seed."""
+    seeds = st.integers(0, 2**32 - 1)
+    return seeds.map(lambda s: np.random.default_rng(s).standard_normal(shape).astype(dtype))
+
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "leaky_relu": jax.nn.leaky_relu,
+    "elu": jax.nn.elu,
+    "gelu": jax.nn.gelu,
+    "silu": jax.nn.silu,
+    "sigmoid": jax.nn.sigmoid,
+    "tanh": jax.nn.tanh,
+    "softmax": jax.nn.softmax,
+    "log_softmax": jax.nn.log_softmax,
+}
+
+
+def activations() -> st.SearchStrategy[Callable[[jax.Array], jax.Array]]:
+    """The activations of the guide's list, from ``jax.nn``."""
+    return st.sampled_from(list(_ACTIVATIONS.values()))
+
+
+@st.composite
+def _leading(draw: st.DrawFn) -> tuple[int, ...]:
+    """A batch shape: ``(batch,)`` or ``(batch, time)``."""
+    batch = draw(batch_sizes())
+    return draw(st.sampled_from([(batch,), (batch, draw(st.integers(1, 3)))]))
+
+
+@st.composite
+def dense_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.dense`` with drawn sizes and ``use_bias``, on ``(batch, in)`` or ``(batch, t, in)``."""
+    lead, n_in, n_out = draw(_leading()), draw(feature_sizes()), draw(feature_sizes())
+    layer = fl.dense(n_out, use_bias=draw(st.booleans()))
+    x = draw(normal_arrays((*lead, n_in)))
+    return LayerCase(layer, (x,), (*lead, n_out))
+
+
+@st.composite
+def flatten_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.flatten`` on inputs of rank 1 to 4."""
+    shape = (draw(batch_sizes()), *draw(st.lists(st.integers(1, 4), max_size=3)))
+    x = draw(normal_arrays(shape))
+    return LayerCase(fl.flatten(), (x,), (shape[0], int(np.prod(shape[1:], dtype=int))))
+
+
+@st.composite
+def reshape_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.reshape`` between two factorisations of the same example size."""
+    a, b = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    batch = draw(batch_sizes())
+    target = draw(st.sampled_from([(b, a), (a * b,), (-1, a)]))
+    x = draw(normal_arrays((batch, a, b)))
+    out = tuple(a * b // a if d == -1 else d for d in target)
+    return LayerCase(fl.reshape(target), (x,), (batch, *out))
+
+
+@st.composite
+def function_cases(draw: st.DrawFn) -> LayerCase:
+    """A ``jax.nn`` activation wrapped as a layer."""
+    shape = (draw(batch_sizes()), draw(feature_sizes()))
+    layer = fl.function(draw(activations()))
+    return LayerCase(layer, (draw(normal_arrays(shape)),), shape)
+
+
+@st.composite
+def serial_cases(draw: st.DrawFn) -> LayerCase:
+    """An MLP: ``serial`` of dense layers and activations, positional or named."""
+    batch, n_in = draw(batch_sizes()), draw(feature_sizes())
+    widths = draw(st.lists(feature_sizes(), min_size=1, max_size=3))
+    layers: list[Any] = []
+    for w in widths:
+        layers += [fl.dense(w), draw(activations())]
+    layers = layers[:-1]
+    if draw(st.booleans()):
+        layer = fl.serial(**{f"l{i}": lay for i, lay in enumerate(layers)})
+    else:
+        layer = fl.serial(*layers)
+    return LayerCase(layer, (draw(normal_arrays((batch, n_in))),), (batch, widths[-1]))
+
+
+@st.composite
+def parallel_cases(draw: st.DrawFn) -> LayerCase:
+    """``parallel`` of dense layers, one input each."""
+    batch, n = draw(batch_sizes()), draw(st.integers(1, 3))
+    sizes = [(draw(feature_sizes()), draw(feature_sizes())) for _ in range(n)]
+    layer = fl.parallel(*(fl.dense(o) for _, o in sizes))
+    inputs = tuple(draw(normal_arrays((batch, i))) for i, _ in sizes)
+    return LayerCase(layer, inputs, tuple((batch, o) for _, o in sizes))
+
+
+@st.composite
+def branch_cases(draw: st.DrawFn) -> LayerCase:
+    """``branch`` of dense layers merged by ``fan_in_concat`` or ``fan_in_sum``."""
+    batch, n_in, n = draw(batch_sizes()), draw(feature_sizes()), draw(st.integers(1, 3))
+    x = draw(normal_arrays((batch, n_in)))
+    if draw(st.booleans()):
+        outs = [draw(feature_sizes()) for _ in range(n)]
+        layer = fl.serial(fl.branch(*(fl.dense(o) for o in outs)), fl.fan_in_concat())
+        return LayerCase(layer, (x,), (batch, sum(outs)))
+    out = draw(feature_sizes())
+    layer = fl.serial(fl.branch(*(fl.dense(out) for _ in range(n))), fl.fan_in_sum())
+    return LayerCase(layer, (x,), (batch, out))
+
+
+@st.composite
+def residual_cases(draw: st.DrawFn) -> LayerCase:
+    """``residual`` around a two-layer MLP that preserves the width."""
+    batch, width, hidden = draw(batch_sizes()), draw(feature_sizes()), draw(feature_sizes())
+    branch = fl.serial(fl.dense(hidden), draw(activations()), fl.dense(width))
+    x = draw(normal_arrays((batch, width)))
+    return LayerCase(fl.residual(branch), (x,), (batch, width))
+
+
+@st.composite
+def shared_cases(draw: st.DrawFn) -> LayerCase:
+    """``shared`` applying one square dense layer 1 to 3 times."""
+    batch, width, times = draw(batch_sizes()), draw(feature_sizes()), draw(st.integers(1, 3))
+    layer = fl.shared(fl.serial(fl.dense(width), jax.nn.tanh), times)
+    return LayerCase(layer, (draw(normal_arrays((batch, width))),), (batch, width))

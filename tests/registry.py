@@ -1,0 +1,29 @@
+"""The layer registry: every public layer once, with the strategy that draws its cases.
+
+The contract suite (``test_contract.py``) runs ``fundl.testing.check_layer`` over every
+entry; a new layer is covered by adding one line here (Haiku's descriptors, in spirit).
+"""
+
+from typing import NamedTuple
+
+from hypothesis import strategies as st
+
+from fundl.testing import strategies as fst
+
+
+class Descriptor(NamedTuple):
+    name: str
+    cases: st.SearchStrategy  # draws fundl.testing.strategies.LayerCase
+
+
+LAYERS = [
+    Descriptor("dense", fst.dense_cases()),
+    Descriptor("flatten", fst.flatten_cases()),
+    Descriptor("reshape", fst.reshape_cases()),
+    Descriptor("function", fst.function_cases()),
+    Descriptor("serial", fst.serial_cases()),
+    Descriptor("parallel", fst.parallel_cases()),
+    Descriptor("branch", fst.branch_cases()),
+    Descriptor("residual", fst.residual_cases()),
+    Descriptor("shared", fst.shared_cases()),
+]
