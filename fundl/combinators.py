@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -72,6 +73,9 @@ def function(fn: Callable[..., Any], name: str | None = None) -> Layer:
 
 def as_layer(layer: LayerLike) -> Layer:
     """Returns ``layer`` if it is a :class:`~fundl.Layer`, else wraps it with :func:`function`.
+
+    Args:
+        layer: a layer, or a plain function of arrays.
 
     Raises:
         TypeError: if ``layer`` is neither a layer nor callable.
@@ -178,7 +182,7 @@ def serial(*layers: LayerLike, **named_layers: LayerLike) -> Layer:
         params, states = [], []
         for segment, child, k in zip(segments, children, _split(key, len(children)), strict=True):
             p, s = _call(segment, child.init, k, *inputs)
-            out, _ = _call(segment, jax.eval_shape, child.apply, p, s, *inputs)
+            out, _ = _call(segment, jax.eval_shape, partial(child.apply, key=k), p, s, *inputs)
             inputs = (out,)
             params.append(p)
             states.append(s)
@@ -278,7 +282,12 @@ def fan_in_sum() -> Layer:
 
 
 def fan_in_concat(axis: int = -1) -> Layer:
-    """Concatenates a tuple of arrays along ``axis`` (default: the feature axis)."""
+    """Concatenates a tuple of arrays along ``axis``: ``(a, b, ...) -> concat([a, b, ...])``.
+
+    Args:
+        axis: the axis to join along (default ``-1``, the feature axis); the other axes of
+            the inputs must agree.
+    """
     return function(lambda xs: jnp.concatenate(xs, axis=axis), name=f"fan_in_concat({axis})")
 
 

@@ -72,6 +72,9 @@ def train_test_split(
 def digits_split(normalize: bool = True) -> Split:
     """The digits with fundl's fixed 80/20 split: 1,438 training and 359 held-out examples.
 
+    Args:
+        normalize: as in :func:`digits`.
+
     Returns:
         ``((x_train, y_train), (x_test, y_test))``, images ``(n, 8, 8)``, labels ``(n,)``.
     """

@@ -63,17 +63,30 @@ class LayerCase(NamedTuple):
 
 
 def batch_sizes(max_size: int = 4) -> st.SearchStrategy[int]:
-    """Batch sizes from 1 to ``max_size``."""
+    """Batch sizes from 1 to ``max_size``.
+
+    Args:
+        max_size: the largest batch size drawn.
+    """
     return st.integers(1, max_size)
 
 
 def feature_sizes(max_size: int = 8) -> st.SearchStrategy[int]:
-    """Feature sizes from 1 to ``max_size``."""
+    """Feature sizes from 1 to ``max_size``.
+
+    Args:
+        max_size: the largest feature size drawn.
+    """
     return st.integers(1, max_size)
 
 
 def normal_arrays(shape: tuple[int, ...], dtype: Any = np.float32) -> st.SearchStrategy:
-    """Standard-normal arrays of ``shape`` and ``dtype``, drawn from a hypothesis seed."""
+    """Standard-normal NumPy arrays, drawn as a hypothesis seed for NumPy's generator.
+
+    Args:
+        shape: the array shape.
+        dtype: the array dtype (default float32).
+    """
     seeds = st.integers(0, 2**32 - 1)
     return seeds.map(lambda s: np.random.default_rng(s).standard_normal(shape).astype(dtype))
 
