@@ -1,0 +1,1 @@
+"""fundl's benchmarks: ``python -m benchmarks --suite mlp`` (see ``harness.py``)."""

@@ -1,0 +1,35 @@
+"""``python -m benchmarks [--suite mlp ...] [--quick] [--json PATH] [--plot PATH]``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from benchmarks.harness import environment, format_table, plot, write_json
+
+SUITES = {"mlp": "benchmarks.mlp_step"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--suite", action="append", choices=sorted(SUITES),
+                        help="suite(s) to run (default: all)")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few, short rounds")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the ratios")
+    args = parser.parse_args(argv)
+    env = environment()
+    print(", ".join(f"{k}={v}" for k, v in env.items()))
+    results = []
+    for suite in args.suite or sorted(SUITES):
+        results += importlib.import_module(SUITES[suite]).run(quick=args.quick)
+    print(format_table(results))
+    if args.json:
+        write_json(results, args.json)
+    if args.plot and not plot(results, args.plot):
+        print("matplotlib not installed: no plot written")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""The seed model's train step (Flatten-128-64-10 MLP, adam) in fundl vs plain JAX and peers.
+
+    python -m benchmarks --suite mlp          # or: python benchmarks/mlp_step.py
+
+The same step (forward, softmax cross-entropy, grad, optax adam update; params and optimizer
+state donated) on MNIST-shaped batches (batch, 28, 28), at batch 8 and 128. Every
+implementation starts from the same weights, and their first losses are compared before
+timing, so all compute the same thing. Target: fundl / plain JAX <= 1.02 at both sizes.
+Peers (stax ships with JAX; Flax linen, Haiku, Equinox when installed) are timed alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import fundl as fl
+from benchmarks.harness import CaseResult, measure
+
+
+def _ce(logits, y):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def make_step(loss_of_params: Callable, opt: optax.GradientTransformation):
+    """A jitted, donating train step around ``loss_of_params(params, x, y)``."""
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, loss, x, y):
+        loss, grads = jax.value_and_grad(loss_of_params)(params, x, y)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def chained(step: Callable, carry: tuple, x, y, steps: int) -> Callable[[], None]:
+    """A ``run()`` doing ``steps`` train steps, each fed the previous one's outputs."""
+    box = [carry]
+
+    def run() -> None:
+        c = box[0]
+        for _ in range(steps):
+            c = step(*c, x, y)
+        box[0] = jax.block_until_ready(c)
+
+    return run
+
+
+def implementations(weights, opt) -> tuple[dict[str, tuple[Callable, object]], list[str]]:
+    """``{name: (step, params)}`` for every implementation available, and skip notes.
+
+    Args:
+        weights: ``[(w1, b1), (w2, b2), (w3, b3)]`` shared initial weights.
+        opt: the optax optimizer.
+    """
+    notes = []
+    impls = {}
+
+    # plain JAX: a list of (w, b) and a loop of matmuls, written by hand
+    def plain_loss(params, x, y):
+        h = x.reshape(x.shape[0], -1)
+        for w, b in params[:-1]:
+            h = jax.nn.relu(h @ w + b)
+        w, b = params[-1]
+        return _ce(h @ w + b, y)
+
+    impls["plain JAX"] = (make_step(plain_loss, opt), [tuple(p) for p in weights])
+
+    model = fl.serial(fl.flatten(), fl.dense(128), jax.nn.relu, fl.dense(64), jax.nn.relu,
+                      fl.dense(10))  # fmt: skip
+    _, state = model.init(jax.random.key(0), jnp.zeros((1, 28, 28)))
+    fundl_params = ((), {"w": weights[0][0], "b": weights[0][1]}, (),
+                    {"w": weights[1][0], "b": weights[1][1]}, (),
+                    {"w": weights[2][0], "b": weights[2][1]})  # fmt: skip
+
+    def fundl_loss(params, x, y):
+        return _ce(model.apply(params, state, x)[0], y)
+
+    impls["fundl"] = (make_step(fundl_loss, opt), fundl_params)
+
+    from jax.example_libraries import stax
+
+    _, stax_apply = stax.serial(stax.Flatten, stax.Dense(128), stax.Relu, stax.Dense(64),
+                                stax.Relu, stax.Dense(10))  # fmt: skip
+    stax_params = [(), tuple(weights[0]), (), tuple(weights[1]), (), tuple(weights[2])]
+    impls["stax"] = (make_step(lambda p, x, y: _ce(stax_apply(p, x), y), opt), stax_params)
+
+    try:
+        import flax.linen as nn
+
+        class MLP(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                x = x.reshape(x.shape[0], -1)
+                x = nn.relu(nn.Dense(128)(x))
+                x = nn.relu(nn.Dense(64)(x))
+                return nn.Dense(10)(x)
+
+        linen = MLP()
+        lp = {
+            "params": {f"Dense_{i}": {"kernel": w, "bias": b} for i, (w, b) in enumerate(weights)}
+        }
+        impls["flax linen"] = (make_step(lambda p, x, y: _ce(linen.apply(p, x), y), opt), lp)
+    except ImportError:
+        notes.append("flax not installed: flax linen skipped (pip install -e '.[bench]')")
+
+    try:
+        import haiku as hk
+
+        def hk_forward(x):
+            return hk.nets.MLP([128, 64, 10])(x.reshape(x.shape[0], -1))
+
+        hk_model = hk.without_apply_rng(hk.transform(hk_forward))
+        hp = {f"mlp/~/linear_{i}": {"w": w, "b": b} for i, (w, b) in enumerate(weights)}
+        impls["haiku"] = (make_step(lambda p, x, y: _ce(hk_model.apply(p, x), y), opt), hp)
+    except ImportError:
+        notes.append("dm-haiku not installed: haiku skipped")
+
+    try:
+        import equinox as eqx
+
+        eqx_model = eqx.nn.MLP(784, 10, 128, 2, activation=jax.nn.relu, key=jax.random.key(0))
+        eqx_model = eqx.tree_at(
+            lambda m: [leaf for layer in m.layers for leaf in (layer.weight, layer.bias)],
+            eqx_model,
+            [leaf for w, b in weights for leaf in (w.T, b)],
+        )
+        params, static = eqx.partition(eqx_model, eqx.is_array)
+
+        def eqx_loss(p, x, y):
+            m = eqx.combine(p, static)
+            return _ce(jax.vmap(m)(x.reshape(x.shape[0], -1)), y)
+
+        impls["equinox"] = (make_step(eqx_loss, opt), params)
+    except ImportError:
+        notes.append("equinox not installed: equinox skipped")
+    return impls, notes
+
+
+def run(quick: bool = False, batches: tuple[int, ...] = (8, 128)) -> list[CaseResult]:
+    """Runs the MLP cases; ``quick`` uses few rounds and steps (a smoke run, not a measure)."""
+    rng = np.random.default_rng(0)
+    init = jax.nn.initializers.glorot_uniform()
+    keys = jax.random.split(jax.random.key(0), 3)
+    sizes = [(784, 128), (128, 64), (64, 10)]
+    opt = optax.adam(1e-3)
+    results = []
+    for batch in batches:
+        x = jnp.asarray(rng.standard_normal((batch, 28, 28)), jnp.float32)
+        y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+        weights = [(init(k, s), jnp.zeros(s[1])) for k, s in zip(keys, sizes, strict=True)]
+        impls, notes = implementations(weights, opt)
+        steps = 2 if quick else 20
+        runs, first_losses, compile_s = {}, {}, {}
+        for name, (step, params) in impls.items():
+            params = jax.tree_util.tree_map(jnp.array, params)  # own copy: steps donate it
+            carry = (params, opt.init(params), jnp.zeros(()))
+            t0 = time.perf_counter()
+            carry = jax.block_until_ready(step(*carry, x, y))
+            compile_s[name] = time.perf_counter() - t0
+            first_losses[name] = float(carry[2])
+            runs[name] = chained(step, carry, x, y, steps)
+        base = first_losses["plain JAX"]
+        for name, loss in first_losses.items():
+            if not np.isclose(loss, base, rtol=1e-4):
+                raise RuntimeError(f"{name} computes a different loss: {loss} vs plain {base}")
+        res = measure(f"mlp train step, batch {batch}", runs, rounds=3 if quick else 40,
+                      unit=f"{steps} steps")  # fmt: skip
+        for t in res.timings:
+            t.compile_s = compile_s[t.name]  # the first call: trace, compile and one step
+        res.notes.extend(notes)
+        results.append(res)
+    return results
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from benchmarks.harness import format_table
+
+    parser = argparse.ArgumentParser(description="MLP train-step benchmark")
+    parser.add_argument("--quick", action="store_true")
+    print(format_table(run(parser.parse_args().quick)))
