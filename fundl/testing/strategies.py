@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
@@ -33,6 +34,7 @@ __all__ = [
     "batch_sizes",
     "feature_sizes",
     "normal_arrays",
+    "float_dtypes",
     "activations",
     "dense_cases",
     "flatten_cases",
@@ -89,6 +91,11 @@ def normal_arrays(shape: tuple[int, ...], dtype: Any = np.float32) -> st.SearchS
     """
     seeds = st.integers(0, 2**32 - 1)
     return seeds.map(lambda s: np.random.default_rng(s).standard_normal(shape).astype(dtype))
+
+
+def float_dtypes() -> st.SearchStrategy[np.dtype]:
+    """The floating dtypes layers compute in: float32, bfloat16 and float16."""
+    return st.sampled_from([np.dtype(np.float32), jnp.dtype(jnp.bfloat16), np.dtype(np.float16)])
 
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
