@@ -31,9 +31,13 @@ from fundl.combinators import (
     serial,
     shared,
 )
+from fundl.conv import conv, conv_transpose
 from fundl.core import ApplyFn, InitFn, Layer, Params, State
 from fundl.dense import dense, flatten, reshape
+from fundl.dropout import dropout
 from fundl.metrics import accuracy, masked_mean
+from fundl.norm import BatchNormState, batch_norm, group_norm, layer_norm, rms_norm
+from fundl.pooling import avg_pool, global_avg_pool, global_max_pool, max_pool
 from fundl.summary import summary
 
 __version__ = "0.1.0"
@@ -79,4 +83,17 @@ __all__ = [
     # submodules
     "datasets",
     "metrics",
+    # convolutional networks (issue 3)
+    "conv",
+    "conv_transpose",
+    "max_pool",
+    "avg_pool",
+    "global_avg_pool",
+    "global_max_pool",
+    "batch_norm",
+    "BatchNormState",
+    "layer_norm",
+    "group_norm",
+    "rms_norm",
+    "dropout",
 ]
