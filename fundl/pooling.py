@@ -78,7 +78,8 @@ def max_pool(
         >>> import jax.numpy as jnp, fundl as fl
         >>> pool = fl.max_pool((2, 2))
         >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
-        >>> pool.apply((), (), x)[0][0, :, :, 0]
+        >>> y, _ = pool.apply((), (), x)
+        >>> y[0, :, :, 0]
         Array([[ 5.,  7.],
                [13., 15.]], dtype=float32)
 
@@ -120,7 +121,8 @@ def avg_pool(
         >>> import jax.numpy as jnp, fundl as fl
         >>> pool = fl.avg_pool((2, 2))
         >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
-        >>> pool.apply((), (), x)[0][0, :, :, 0]
+        >>> y, _ = pool.apply((), (), x)
+        >>> y[0, :, :, 0]
         Array([[ 2.5,  4.5],
                [10.5, 12.5]], dtype=float32)
 
