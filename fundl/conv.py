@@ -274,7 +274,7 @@ def conv_transpose(
     spans = win.dilated(kernel, dilation_)
     dims = win.dimension_numbers(n)
 
-    def crops(sizes):
+    def crops():
         """The (lo, hi) padding of the conv being transposed, per axis."""
         if padding_ == "VALID":
             return ((0, 0),) * n
@@ -290,7 +290,7 @@ def conv_transpose(
     def pads_for(x):
         _check_input(name, x, n, groups)
         sizes = tuple(x.shape[1:-1])
-        cropped = crops(sizes)
+        cropped = crops()
         for axis, (size, k, s, (lo, hi)) in enumerate(
             zip(sizes, spans, strides_, cropped, strict=True)
         ):
