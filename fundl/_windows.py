@@ -7,6 +7,7 @@ and ``fundl.pooling``.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ def spatial_names(n: int) -> str:
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def window_shape(who: str, what: str, value: Any) -> tuple[int, ...]:
@@ -44,7 +45,7 @@ def window_shape(who: str, what: str, value: Any) -> tuple[int, ...]:
             f"{who}: every {what} entry must be at least 1, got {tuple(sizes)}. A window of 0 "
             f"covers nothing; use 1 to leave an axis unchanged."
         )
-    return tuple(sizes)
+    return tuple(int(v) for v in sizes)
 
 
 def per_axis(who: str, what: str, value: Any, n: int) -> tuple[int, ...]:
@@ -65,7 +66,7 @@ def per_axis(who: str, what: str, value: Any, n: int) -> tuple[int, ...]:
             f"{who}: every {what} entry must be at least 1, got {tuple(values)}. Use 1 for "
             f"no {what}."
         )
-    return tuple(values)
+    return tuple(int(v) for v in values)
 
 
 def check_padding(who: str, padding: Any, n: int) -> str | tuple[tuple[int, int], ...]:

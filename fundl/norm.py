@@ -34,6 +34,14 @@ class BatchNormState(NamedTuple):
     var: jax.Array
 
 
+def _describe(base: str, **options: tuple[Any, Any]) -> str:
+    """``"batch_norm(momentum=0.9)"``: the name with the options that differ from defaults."""
+    shown = [f"{k}={v!r}" for k, (v, default) in options.items() if v != default]
+    if "(" not in base:  # "batch_norm" -> "batch_norm(...)"; "group_norm(4" keeps its args
+        return f"{base}({', '.join(shown)})"
+    return base + "".join(f", {s}" for s in shown) + ")"
+
+
 def _stat_dtype(x: Any) -> jnp.dtype:
     return jnp.dtype(jnp.float64 if x.dtype == jnp.float64 else jnp.float32)
 
@@ -143,7 +151,7 @@ def batch_norm(
     Returns:
         A :class:`~fundl.Layer` mapping ``(batch, ..., features)`` to the same shape.
     """
-    name = f"batch_norm(momentum={momentum!r}, epsilon={epsilon!r})"
+    name = _describe("batch_norm", momentum=(momentum, 0.99), epsilon=(epsilon, 1e-5))
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"{name}: momentum must be in [0, 1), got {momentum!r}.")
     if not epsilon > 0.0:
@@ -229,7 +237,7 @@ def layer_norm(
     Returns:
         A :class:`~fundl.Layer` mapping ``(..., features)`` to the same shape.
     """
-    name = f"layer_norm(epsilon={epsilon!r})"
+    name = _describe("layer_norm", epsilon=(epsilon, 1e-5))
     if not epsilon > 0.0:
         raise ValueError(f"{name}: epsilon must be > 0, got {epsilon!r}.")
 
@@ -287,7 +295,7 @@ def group_norm(
     Returns:
         A :class:`~fundl.Layer` mapping ``(batch, *spatial, features)`` to the same shape.
     """
-    name = f"group_norm({num_groups!r})"
+    name = _describe(f"group_norm({num_groups!r}", epsilon=(epsilon, 1e-5))
     if not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"{name}: num_groups must be a positive int, got {num_groups!r}.")
     if not epsilon > 0.0:
@@ -353,7 +361,7 @@ def rms_norm(
     Returns:
         A :class:`~fundl.Layer` mapping ``(..., features)`` to the same shape.
     """
-    name = f"rms_norm(epsilon={epsilon!r})"
+    name = _describe("rms_norm", epsilon=(epsilon, 1e-6))
     if not epsilon > 0.0:
         raise ValueError(f"{name}: epsilon must be > 0, got {epsilon!r}.")
 

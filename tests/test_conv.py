@@ -220,6 +220,21 @@ def test_causal_conv_sees_no_future(kernel, dilation, stride):
     assert (jac[:, 0] > 0).any()  # and it does see the past
 
 
+@pytest.mark.parametrize(("kernel", "stride"), [(3, 1), (4, 2), (2, 3)])
+def test_causal_conv_transpose_sees_no_future(kernel, stride):
+    """Output step t of a CAUSAL conv_transpose depends on no input after step t // s."""
+    layer = fl.conv_transpose(2, kernel, stride, "CAUSAL")
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5, 3)), jnp.float32)
+    params, _ = layer.init(jax.random.key(0), x)
+    jac = jax.jacobian(lambda x: layer.apply(params, (), x)[0])(x)  # (1, 5s, 2, 1, 5, 3)
+    jac = np.abs(np.asarray(jac[0, :, :, 0])).sum(axis=(1, 3))  # (5s, 5)
+    assert jac.shape == (5 * stride, 5)
+    for t, t_in in itertools.product(range(5 * stride), range(5)):
+        if t_in > t // stride:
+            assert jac[t, t_in] == 0.0, (t, t_in)
+    assert (jac[:, 0] > 0).any()
+
+
 def test_int_kernel_is_1d_and_options_accept_ints():
     layer = fl.conv(4, 3, strides=2, dilation=1, padding=1)
     x = jnp.ones((2, 9, 5))

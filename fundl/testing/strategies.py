@@ -54,7 +54,6 @@ __all__ = [
     "group_norm_cases",
     "rms_norm_cases",
     "dropout_cases",
-    "cnn_cases",
 ]
 
 
@@ -407,27 +406,3 @@ def dropout_cases(draw: st.DrawFn) -> LayerCase:
     x = draw(_norm_input())
     rate = draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]))
     return LayerCase(fl.dropout(rate), (x,), x.shape, train=draw(st.booleans()))
-
-
-@st.composite
-def cnn_cases(draw: st.DrawFn) -> LayerCase:
-    """A small 2-D CNN, conv -> batch_norm -> relu -> pool -> dropout -> dense, in
-    training or inference mode: state and keys threaded through ``serial``."""
-    batch, size, channels = (
-        draw(st.integers(1, 2)),
-        draw(st.integers(4, 6)),
-        draw(st.integers(1, 2)),
-    )
-    width, classes = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    pool = draw(st.sampled_from([fl.max_pool, fl.avg_pool]))
-    layer = fl.serial(
-        fl.conv(width, (3, 3)),
-        fl.batch_norm(),
-        jax.nn.relu,
-        pool((2, 2)),
-        fl.dropout(0.25),
-        fl.flatten(),
-        fl.dense(classes),
-    )
-    x = draw(normal_arrays((batch, size, size, channels)))
-    return LayerCase(layer, (x,), (batch, classes), train=draw(st.booleans()))
