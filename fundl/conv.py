@@ -104,10 +104,10 @@ def conv(
     dtype: jnp.dtype | None = None,
     param_dtype: jnp.dtype | None = None,
 ) -> Layer:
-    r"""A convolution over 1, 2 or 3 spatial axes, channels-last (cross-correlation, as in
-    every deep-learning library).
+    r"""A convolution over 1, 2 or 3 spatial axes, channels-last.
 
-    The number of spatial axes is ``len(kernel_size)``; an int ``kernel_size`` means 1-D
+    Like every deep-learning library, it computes a cross-correlation (no kernel flip). The
+    number of spatial axes is ``len(kernel_size)``; an int ``kernel_size`` means 1-D
     (as Flax's ``Conv``), so images need ``(3, 3)``, not ``3``. For a 2-D kernel and input
     ``x`` of shape ``(batch, height, width, in_features)``:
 

@@ -1,9 +1,9 @@
-"""Normalization layers: ``batch_norm`` (with running statistics in ``state``), ``layer_norm``,
-``group_norm`` and ``rms_norm``.
+"""Normalization layers: ``batch_norm``, ``layer_norm``, ``group_norm`` and ``rms_norm``.
 
-All normalize a channels-last input and end with a learned per-feature affine map
-``y = x_hat * scale + bias``. Statistics are computed in float32 (float64 for float64
-inputs) whatever the compute dtype, so bfloat16 models stay stable.
+``batch_norm`` keeps running statistics in ``state``. All normalize a channels-last input
+and end with a learned per-feature affine map ``y = x_hat * scale + bias``. Statistics are
+computed in float32 (float64 for float64 inputs) whatever the compute dtype, so bfloat16
+models stay stable.
 """
 
 from __future__ import annotations
@@ -273,8 +273,7 @@ def group_norm(
     dtype: jnp.dtype | None = None,
     param_dtype: jnp.dtype | None = None,
 ) -> Layer:
-    r"""Group normalization (Wu and He, 2018): per example, over spatial axes and a group
-    of channels.
+    r"""Group normalization (Wu and He, 2018): per example, over space and channel groups.
 
     The ``features`` channels of ``x: (batch, *spatial, features)`` are split into
     ``num_groups`` consecutive groups; each example is normalized over its spatial axes

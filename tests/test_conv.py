@@ -113,7 +113,9 @@ def configs(draw, transpose=False):
     mode = draw(st.sampled_from(modes))
     spans = _spans(kernel, dilation)
     if transpose:
-        padding = tuple((draw(st.integers(0, k // 2)), draw(st.integers(0, k // 2))) for k in spans)
+        padding = tuple(
+            (draw(st.integers(0, (k - 1) // 2)), draw(st.integers(0, (k - 1) // 2))) for k in spans
+        )
         sizes = tuple(draw(st.integers(1, 3)) for _ in range(n))
     else:
         padding = tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(n))

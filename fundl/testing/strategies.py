@@ -244,9 +244,11 @@ def _window_config(draw: st.DrawFn, n: int, max_kernel: int = 3) -> dict[str, An
 
 @st.composite
 def conv_cases(draw: st.DrawFn) -> LayerCase:
-    """``fl.conv`` in 1-D to 3-D over drawn kernel sizes, strides, dilations, groups and
-    paddings ("SAME", "VALID", "CAUSAL" in 1-D, explicit pairs), on inputs at least as long
-    as the dilated kernel."""
+    """``fl.conv`` in 1-D to 3-D: drawn kernels, strides, dilations, groups and paddings.
+
+    Paddings are "SAME", "VALID", "CAUSAL" (1-D) and explicit pairs; inputs are at least
+    as long as the dilated kernel.
+    """
     n = draw(_spatial_rank())
     cfg = draw(_window_config(n))
     groups = draw(st.sampled_from([1, 1, 2, 3]))
@@ -280,8 +282,7 @@ def conv_cases(draw: st.DrawFn) -> LayerCase:
 
 @st.composite
 def conv_transpose_cases(draw: st.DrawFn) -> LayerCase:
-    """``fl.conv_transpose`` in 1-D to 3-D over drawn kernels, strides, dilations, groups
-    and paddings."""
+    """``fl.conv_transpose`` in 1-D to 3-D: drawn kernels, strides, dilations, groups, paddings."""
     n = draw(_spatial_rank())
     cfg = draw(_window_config(n))
     groups = draw(st.sampled_from([1, 1, 2]))
@@ -317,8 +318,10 @@ def conv_transpose_cases(draw: st.DrawFn) -> LayerCase:
 
 @st.composite
 def pool_cases(draw: st.DrawFn) -> LayerCase:
-    """``fl.max_pool`` or ``fl.avg_pool`` in 1-D to 3-D over drawn windows, strides (default:
-    the window) and paddings (explicit pads stay smaller than the window)."""
+    """``fl.max_pool`` or ``fl.avg_pool`` in 1-D to 3-D: drawn windows, strides, paddings.
+
+    Strides may be ``None`` (the window); explicit pads stay smaller than the window.
+    """
     n = draw(_spatial_rank())
     window = tuple(draw(st.integers(1, 3)) for _ in range(n))
     strides = draw(st.one_of(st.none(), st.tuples(*(st.integers(1, 3) for _ in range(n)))))
@@ -364,8 +367,10 @@ def _norm_input(draw: st.DrawFn) -> np.ndarray:
 
 @st.composite
 def batch_norm_cases(draw: st.DrawFn) -> LayerCase:
-    """``fl.batch_norm`` in training mode (batch statistics, state update) or inference,
-    with drawn momentum and scale/bias options."""
+    """``fl.batch_norm`` in training (batch statistics, state update) or inference mode.
+
+    Momentum and the scale/bias options are drawn too.
+    """
     x = draw(_norm_input())
     layer = fl.batch_norm(
         momentum=draw(st.sampled_from([0.0, 0.9, 0.99])),
@@ -401,8 +406,10 @@ def rms_norm_cases(draw: st.DrawFn) -> LayerCase:
 
 @st.composite
 def dropout_cases(draw: st.DrawFn) -> LayerCase:
-    """``fl.dropout`` in training (a fixed key, so deterministic) or inference, with rates
-    including the edge cases 0 and 1."""
+    """``fl.dropout`` in training (a fixed key: deterministic) or inference mode.
+
+    Rates include the edge cases 0 and 1.
+    """
     x = draw(_norm_input())
     rate = draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]))
     return LayerCase(fl.dropout(rate), (x,), x.shape, train=draw(st.booleans()))
