@@ -158,6 +158,37 @@ def test_state_threads_through_serial_in_train_and_inference():
     jax.tree_util.tree_map(np.testing.assert_allclose, s2, trained)
 
 
+def test_every_combinator_threads_batch_norm_state():
+    """parallel, branch, residual and shared return the updated state of a batch_norm inside,
+    and inference leaves it alone."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 3)) + 5.0, jnp.float32)
+    key = jax.random.key(0)
+    models = {
+        "parallel": fl.parallel(fl.batch_norm(0.5), fl.dropout(0.5)),
+        "branch": fl.serial(fl.branch(fl.batch_norm(0.5), fl.dropout(0.5)), fl.fan_in_sum()),
+        "residual": fl.residual(fl.serial(fl.dense(3), fl.batch_norm(0.5))),
+        "shared": fl.shared(fl.batch_norm(0.5), 2),
+    }
+    for name, model in models.items():
+        inputs = (x, x) if name == "parallel" else (x,)
+        params, state = model.init(key, *inputs)
+        _, trained = model.apply(params, state, *inputs, key=key, train=True)
+        means = [s.mean for s in jax.tree_util.tree_leaves(
+            trained, is_leaf=lambda s: isinstance(s, fl.BatchNormState)
+        ) if isinstance(s, fl.BatchNormState)]  # fmt: skip
+        assert len(means) == 1, name
+        assert np.abs(np.asarray(means[0])).min() > 0.1, name  # moved away from its start, 0
+        _, same = model.apply(params, trained, *inputs)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, same, trained)
+    # shared applies the layer twice, threading the state: the first update gives
+    # 0.5 * mean(x); the second sees the normalized output (mean 0): 0.25 * mean(x)
+    bn = fl.shared(fl.batch_norm(0.5), 2)
+    params, state = bn.init(key, x)
+    _, state = bn.apply(params, state, x, train=True)
+    expected = 0.25 * np.asarray(x, np.float64).mean(0)
+    np.testing.assert_allclose(np.asarray(state.mean), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_cnn_in_training_mode_keeps_the_contract():
     """A serial mixing conv, batch_norm, pooling, dropout and dense: check_layer in training
     mode (batch statistics, state update, a dropout mask from a fixed key)."""
