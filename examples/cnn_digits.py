@@ -63,6 +63,7 @@ def save_loss_curve(losses: list[float], path: str) -> bool:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(range(1, len(losses) + 1), losses, marker="o")
     ax.set(xlabel="epoch", ylabel="training loss", yscale="log", title="CNN on the digits")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
