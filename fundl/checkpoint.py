@@ -127,9 +127,13 @@ def load_checkpoint(path: str | os.PathLike[str], like: Any) -> tuple[Any, Any]:
     """
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with open(path, "rb") as f:
+            data = np.load(f, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("not an .npz archive")
             header = json.loads(bytes(data["__meta__"]).decode("utf-8"))
             arrays = [data[f"leaf_{i}"] for i in range(len(header["leaves"]))]
+            data.close()
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist.") from None
     except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError) as err:

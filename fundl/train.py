@@ -890,8 +890,15 @@ def fit(
                 f"fit: batch_size={batch_size} must be a multiple of the {shards} devices on "
                 f"mesh axis {data_axis!r}."
             )
-        batch_sharding = NamedSharding(mesh, PartitionSpec(data_axis))
-        state_sharding = NamedSharding(mesh, PartitionSpec())
+        # fit places data and state itself and lets XLA partition the step, so it uses the
+        # mesh's devices with automatic axes (jax.make_mesh defaults to explicit axes).
+        auto = jax.sharding.Mesh(
+            mesh.devices,
+            mesh.axis_names,
+            axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names),
+        )
+        batch_sharding = NamedSharding(auto, PartitionSpec(data_axis))
+        state_sharding = NamedSharding(auto, PartitionSpec())
         train_state = jax.device_put(train_state, state_sharding)
 
     core = _make_core(model, loss, optimizer, metrics, on_nonfinite, loss_scale)
