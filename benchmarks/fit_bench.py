@@ -14,10 +14,11 @@ training split (1,438 examples), batch 32, 20 epochs, shuffled each epoch: 45 st
 
 For each: total wall time of the 20 epochs including compilation (a fresh function each
 repeat, so every repeat compiles), and the steady time per epoch (median over epochs 2-20).
-Each implementation runs ``--repeats`` times, interleaved; medians are reported, with the
-ratios the issue sets as targets. Timings on a shared machine are noisy.
+Each implementation runs ``--repeats`` times, interleaved; the best of the repeats is
+reported (other load on a shared machine only adds time), with the ratios the issue sets as
+targets. Timings on a shared machine are noisy.
 
-    PYTHONPATH=. python benchmarks/fit_bench.py [--repeats 3] [--epochs 20]
+    PYTHONPATH=. python benchmarks/fit_bench.py [--repeats 5] [--verbose] [--epochs 20]
 """
 
 from __future__ import annotations
@@ -143,7 +144,9 @@ def run_keras(x, y, epochs):
     return time.perf_counter() - t0, np.diff(stamps)
 
 
-def main(repeats: int = 3, epochs: int = 20) -> dict[str, tuple[float, float]]:
+def main(
+    repeats: int = 5, epochs: int = 20, verbose: bool = False
+) -> dict[str, tuple[float, float]]:
     (x, y), _ = fl.datasets.digits_split()
     steps = -(-len(x) // BATCH)
     impls = {
@@ -171,12 +174,16 @@ def main(repeats: int = 3, epochs: int = 20) -> dict[str, tuple[float, float]]:
             total, per_epoch = impls[name]()
             totals[name].append(total)
             epoch_s[name].append(float(np.median(per_epoch)))
-    result = {k: (statistics.median(totals[k]), statistics.median(epoch_s[k])) for k in impls}
-    print(f"digits MLP, batch {BATCH}, {epochs} epochs ({steps} steps each), median of "
+    # The best (lowest) of the repeats: other processes on a shared machine only ever add time.
+    result = {k: (min(totals[k]), min(epoch_s[k])) for k in impls}
+    print(f"digits MLP, batch {BATCH}, {epochs} epochs ({steps} steps each), best of "
           f"{repeats}; {jax.devices()[0].platform}, jax {jax.__version__}")  # fmt: skip
     print(f"{'implementation':<20} {'ms/epoch (steady)':>18} {'total s (incl. compile)':>24}")
     for name, (total, per) in result.items():
         print(f"{name:<20} {per * 1e3:>18.2f} {total:>24.2f}")
+        if verbose:
+            print(f"{'':<20} median {statistics.median(epoch_s[name]) * 1e3:>11.2f} "
+                  f"{statistics.median(totals[name]):>24.2f}")  # fmt: skip
     step_ms = result["plain JAX, step"][1]
     big = f"fl.fit K={steps}"
     print("\nratios (targets from issue 4):")
@@ -208,7 +215,8 @@ def main(repeats: int = 3, epochs: int = 20) -> dict[str, tuple[float, float]]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
-    main(args.repeats, args.epochs)
+    main(args.repeats, args.epochs, args.verbose)
