@@ -917,6 +917,7 @@ def fit(
         train_state = jax.device_put(train_state, state_sharding)
 
     core = _make_core(model, loss, optimizer, metrics, on_nonfinite, loss_scale)
+    value_names = ["loss", *_normalize_metrics(metrics)]
     eval_core = jax.jit(_make_eval(model, loss, metrics))
 
     def constrain(tree):
@@ -930,30 +931,36 @@ def fit(
         # The carry is the train state without its key: the key is the same at every step
         # and, as a typed PRNG key argument, would cost ~60 us of dispatch per call (measured
         # on 2 CPU cores), so the steps close over it instead.
-        def one(carry, data, idx):
+        # The epoch's logs are summed on the device into ``acc`` (see _accumulate), so an
+        # epoch costs one transfer to the host instead of one per step and metric.
+        def one(state, data, idx):
+            carry, acc = state
             take = jnp.maximum(idx, 0)
             x, y = constrain(jax.tree_util.tree_map(lambda a: jnp.take(a, take, axis=0), data))
             mask = constrain(idx >= 0) if per_example else None
-            return core(carry, x, y, mask, run_key)
+            carry, logs = core(carry, x, y, mask, run_key)
+            return (carry, _accumulate(acc, logs, value_names)), None
 
-        def many(carry, data, idx):
-            return jax.lax.scan(lambda c, i: one(c, data, i), carry, idx)
+        def many(state, data, idx):
+            return jax.lax.scan(lambda c, i: one(c, data, i), state, idx)[0]
 
-        step_one = jax.jit(one, donate_argnums=0)
+        step_one = jax.jit(lambda state, data, idx: one(state, data, idx)[0], donate_argnums=0)
         step_many = jax.jit(many, donate_argnums=0)
         steps_per_epoch = n // batch_size if drop_remainder else -(-n // batch_size)
     else:
 
-        def direct(carry, x, y, m):
+        def direct(state, x, y, m):
+            carry, acc = state
             x, y = constrain((x, y))
-            return core(carry, x, y, constrain(m) if per_example else None, run_key)
+            carry, logs = core(carry, x, y, constrain(m) if per_example else None, run_key)
+            return carry, _accumulate(acc, logs, value_names)
 
         step_direct = jax.jit(direct, donate_argnums=0)
         steps_per_epoch = 0
 
     # Resume from the newest checkpoint.
     history: list[dict[str, float]] = []
-    start_epoch, start_pos, sums = 1, 0, _Sums()
+    start_epoch, start_pos, start_sums = 1, 0, None
     manager = None
     if checkpoint_dir is not None:
         manager = ckpt.CheckpointManager(checkpoint_dir, keep=keep_checkpoints)
@@ -970,16 +977,16 @@ def fit(
             if meta.get("finished"):
                 return train_state, history
             start_epoch, start_pos = meta["epoch"], meta["position"]
-            sums = _Sums(meta["sums"], meta["count"])
+            start_sums = meta["sums"]
 
     def save(ts, epoch, pos, sums, history, finished=False):
+        """Checkpoints the run; ``sums`` is the epoch's accumulator as a list of floats."""
         if manager is None or int(ts.bad_step) >= 0:  # never write a NaN run over a good one
             return
         meta = {
             "epoch": epoch,
             "position": pos,
-            "sums": sums.sums,
-            "count": sums.count,
+            "sums": sums,
             "history": history,
             "finished": finished,
             "shuffle_key": shuffle_seed,
@@ -1020,33 +1027,32 @@ def fit(
     epoch = start_epoch
     stop = False
 
-    def after_call(ts, k, logs, logs_list, epoch, pos):
+    def after_call(ts, acc, k, epoch, pos):
         nonlocal gstep
-        logs_list.append(logs)
         if bar is not None:
             bar.update(k)
         before, gstep = gstep, gstep + k
         if checkpoint_every and gstep // checkpoint_every > before // checkpoint_every:
-            sums.add(jax.device_get(logs_list))
-            logs_list.clear()
             check_bad(ts, epoch)
-            save(ts, epoch, pos, sums, history)
+            save(ts, epoch, pos, np.asarray(acc).tolist(), history)
 
     try:
         for epoch in range(start_epoch, epochs + 1):
             pos = start_pos if epoch == start_epoch else 0
-            logs_list: list[Any] = []
+            sums0 = start_sums if epoch == start_epoch and start_sums else None
+            acc = jnp.asarray(sums0 or [0.0] * (len(value_names) + 2), jnp.float32)
+            acc = jax.device_put(acc, state_sharding)
             if in_memory:
                 rng = _epoch_rng(shuffle_seed, epoch)
                 idx = _epoch_plan(n, batch_size, drop_remainder, shuffle, rng)
                 while pos < steps_per_epoch:
                     k = steps_per_call if pos + steps_per_call <= steps_per_epoch else 1
                     if k > 1:
-                        ts, logs = step_many(ts, device_data, idx[pos : pos + k])
+                        ts, acc = step_many((ts, acc), device_data, idx[pos : pos + k])
                     else:
-                        ts, logs = step_one(ts, device_data, idx[pos])
+                        ts, acc = step_one((ts, acc), device_data, idx[pos])
                     pos += k
-                    after_call(ts, k, logs, logs_list, epoch, pos)
+                    after_call(ts, acc, k, epoch, pos)
             else:
                 batches = iter(source) if not pending else _chain_first(pending.pop(), source)
                 for i, batch in enumerate(batches):
@@ -1075,14 +1081,22 @@ def fit(
                             f"padded and masked. Return per-example losses."
                         )
                     padded = _pad_batch((x, y), first_spec[1])
-                    ts, logs = step_direct(ts, *_place(padded, batch_sharding))
+                    ts, acc = step_direct((ts, acc), *_place(padded, batch_sharding))
                     pos = i + 1
-                    after_call(ts, 1, logs, logs_list, epoch, pos)
-            sums.add(jax.device_get(logs_list))
+                    after_call(ts, acc, 1, epoch, pos)
+                if pos == 0:
+                    raise ValueError(
+                        f"fit: train_data gave no batches in epoch {epoch}. A one-shot "
+                        f"iterator (a generator) is read once; pass a re-iterable object (a "
+                        f"list, or one whose __iter__ starts a new pass) or epochs=1."
+                    )
             check_bad(ts, epoch)
-            entry: dict[str, float] = {"epoch": epoch, **sums.means()}
-            if sums.skipped:
-                entry["skipped"] = sums.skipped
+            totals = np.asarray(acc, np.float64)
+            count = max(float(totals[-2]), 1.0)
+            entry: dict[str, float] = {"epoch": epoch}
+            entry.update({name: float(totals[i] / count) for i, name in enumerate(value_names)})
+            if totals[-1]:
+                entry["skipped"] = int(totals[-1])
             if eval_data is not None:
                 val = _evaluate(eval_core, ts, eval_data, eval_batch_size, batch_sharding, shards)
                 entry.update({"val_" + k: v for k, v in val.items()})
@@ -1095,14 +1109,25 @@ def fit(
                     stop = True
                     if result.train_state is not None:
                         ts = result.train_state._replace(key=None)
-            sums = _Sums()
             if stop:
                 break
-        save(ts, epoch + 1, 0, _Sums(), history, finished=True)
+        save(ts, epoch + 1, 0, None, history, finished=True)
     finally:
         if bar is not None:
             bar.close()
     return with_key(ts), history
+
+
+def _accumulate(acc: jax.Array, logs: dict[str, jax.Array], names: list[str]) -> jax.Array:
+    """Adds one step's logs to ``acc = [sum(value * count) per name..., count, skipped]``.
+
+    A skipped step (non-finite loss) adds only to ``skipped``: its examples count in neither
+    the sums nor the count.
+    """
+    skipped = logs["skipped"].astype(jnp.float32)
+    weight = logs["count"].astype(jnp.float32) * (1.0 - skipped)
+    values = [jnp.where(weight > 0, logs[name].astype(jnp.float32) * weight, 0.0) for name in names]
+    return acc + jnp.stack([*values, weight, skipped])
 
 
 def _key_list(key: jax.Array) -> list[int]:
