@@ -783,9 +783,9 @@ def fit(
         optimizer: an optax ``GradientTransformation``.
         train_data: ``(inputs, targets)``, a tuple: arrays (NumPy or JAX) or pytrees of
             arrays with a leading example axis ``(n, ...)``; or an iterable (e.g. a list) of
-            ``(inputs, targets)`` batches (iterated afresh each epoch when re-iterable, e.g.
-            a list or a ``grain`` dataset; a one-shot iterator is read once). Batches of an
-            iterable must have the first batch's shape; a smaller batch is padded and masked.
+            ``(inputs, targets)`` batches, iterated afresh each epoch (a list, or any object
+            whose ``__iter__`` starts a new pass; a one-shot generator serves one epoch).
+            Batches must have the first batch's shape; a smaller batch is padded and masked.
         epochs: the number of epochs.
         batch_size: examples per step for in-memory data.
         key: a PRNG key for init, shuffling and dropout (or give ``seed``).
@@ -801,7 +801,9 @@ def fit(
         drop_remainder: drop the last partial batch instead of padding it.
         callbacks: functions ``callback(epoch, logs, train_state)`` called after each epoch
             (``epoch`` counts from 1, ``logs`` is the history entry). A callback may return
-            :class:`StopTraining` to end training (see :func:`early_stopping`).
+            :class:`StopTraining` to end training (see :func:`early_stopping`). The train
+            state's buffers are donated to the next step: copy what you keep
+            (``jax.device_get``).
         progress: show a tqdm progress bar; ``None`` shows it only when stderr is a
             terminal.
         train_state: start from this state (e.g. pretrained params) instead of initializing.
@@ -817,7 +819,8 @@ def fit(
         checkpoint_every: write a checkpoint every this many steps (and always at the end).
         keep_checkpoints: keep the newest this many checkpoints.
         resume: when ``checkpoint_dir`` holds a checkpoint, continue from the newest one;
-            the finished run is bitwise the same as one never interrupted.
+            the finished run is bitwise the same as one never interrupted. A finished run
+            resumed with more ``epochs`` trains on; one a callback stopped is returned.
         mesh: a ``jax.sharding.Mesh`` for data-parallel training: each batch is split over
             the mesh axis ``data_axis`` (``batch_size`` must be a multiple of its size) and
             params and optimizer state are replicated. The model code does not change.
@@ -974,12 +977,12 @@ def fit(
                 )
             train_state = jax.device_put(restored, state_sharding)
             history = meta["history"]
-            if meta.get("finished"):
-                return train_state, history
+            if meta.get("finished") and (meta.get("stopped") or meta["epoch"] > epochs):
+                return train_state, history  # nothing left to do (or a callback stopped it)
             start_epoch, start_pos = meta["epoch"], meta["position"]
             start_sums = meta["sums"]
 
-    def save(ts, epoch, pos, sums, history, finished=False):
+    def save(ts, epoch, pos, sums, history, finished=False, stopped=False):
         """Checkpoints the run; ``sums`` is the epoch's accumulator as a list of floats."""
         if manager is None or int(ts.bad_step) >= 0:  # never write a NaN run over a good one
             return
@@ -989,6 +992,7 @@ def fit(
             "sums": sums,
             "history": history,
             "finished": finished,
+            "stopped": stopped,
             "shuffle_key": shuffle_seed,
         }
         manager.save(int(ts.step), with_key(ts), meta)
@@ -1111,7 +1115,7 @@ def fit(
                         ts = result.train_state._replace(key=None)
             if stop:
                 break
-        save(ts, epoch + 1, 0, None, history, finished=True)
+        save(ts, epoch + 1, 0, None, history, finished=True, stopped=stop)
     finally:
         if bar is not None:
             bar.close()

@@ -229,3 +229,22 @@ def test_data_parallel_on_four_cpu_devices_matches_one_device(tmp_path):
                 np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
         for a, b in zip(one["params"], four["params"], strict=True):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_a_finished_run_resumed_with_more_epochs_equals_one_long_run(tmp_path):
+    x, y = _data()
+
+    def run(epochs, directory=None):
+        model = fl.serial(fl.dense(8), jax.nn.relu, fl.dense(3))
+        return fl.fit(model, xent, optax.adam(1e-2), (x, y), epochs=epochs, batch_size=16,
+                      progress=False, checkpoint_dir=directory)  # fmt: skip
+
+    run(2, tmp_path)
+    resumed, h_resumed = run(4, tmp_path)
+    again, h_again = run(4, tmp_path)  # finished: returned from the checkpoint, no training
+    straight, h_straight = run(4)
+    assert h_resumed == h_straight == h_again
+    for a, b, c in zip(*(jax.tree_util.tree_leaves(t.params) for t in (resumed, again, straight)),
+                       strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, c)

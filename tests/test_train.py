@@ -215,6 +215,19 @@ def test_fit_on_an_iterable_of_batches_equals_in_memory_without_shuffle():
     np.testing.assert_allclose(ha[-1]["loss"], hb[-1]["loss"], rtol=1e-6)
 
 
+def test_fit_eval_data_as_batches_and_one_shot_generator_error():
+    x, y = _data(50)
+    eval_batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 50, 16)]  # last of 2
+    ts, history = _fit(data=(x, y), eval_data=eval_batches, metrics={"accuracy": fl.accuracy})
+    expected = fl.evaluate(_model(), xent, ts, (x, y), metrics={"accuracy": fl.accuracy})
+    np.testing.assert_allclose(history[-1]["val_loss"], expected["loss"], rtol=1e-5)
+    np.testing.assert_allclose(history[-1]["val_accuracy"], expected["accuracy"], rtol=1e-6)
+    generator = ((x[i : i + 8], y[i : i + 8]) for i in range(0, 50, 8))
+    with pytest.raises(ValueError, match=r"fit: train_data gave no batches in epoch 2\. A "
+                       r"one-shot iterator"):  # fmt: skip
+        fl.fit(_model(), xent, optax.sgd(0.1), generator, epochs=2, progress=False)
+
+
 def test_fit_shuffle_depends_on_the_seed_only():
     a, _ = _fit(seed=1)
     b, _ = _fit(seed=1)
