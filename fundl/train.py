@@ -14,10 +14,13 @@ Metrics are plain functions ``metric(outputs, targets) -> values`` in the same s
 as :func:`fundl.accuracy`) receives the mask instead.
 
 Several hosts: the same code runs on a multi-host cluster. Call
-``jax.distributed.initialize()`` at the start of every process, build the mesh over
-``jax.devices()`` (all hosts' devices) and pass it as ``fit(..., mesh=mesh)``; each process
-must feed the same in-memory data and seed (the shuffle is derived from the key, so every
-process draws the same batches) and JAX places each shard on its own host's devices.
+``jax.distributed.initialize()`` at the start of every process (on CPU, with
+``jax.config.update("jax_cpu_collectives_implementation", "gloo")`` first), build the mesh
+over all hosts' devices (``jax.make_mesh((jax.device_count(),), ("data",))``) and pass it as
+``fit(..., mesh=mesh)``. Every process runs the same script with the same in-memory data and
+seed: the shuffle is derived from the key, so all draw the same batches, and each builds only
+its own devices' shards. Give each process its own ``checkpoint_dir`` (e.g. on local disk).
+The suite tests two processes on loopback.
 """
 
 from __future__ import annotations
@@ -721,10 +724,26 @@ def _evaluate(step, ts, data, batch_size, sharding, shards) -> dict[str, float]:
     return sums.means()
 
 
-def _place(tree, sharding):
+def _place(tree: Any, sharding: jax.sharding.Sharding | None) -> Any:
+    """Puts ``tree`` on ``sharding``'s devices; across hosts, from the same full value."""
     if sharding is None:
         return tree
-    return jax.device_put(tree, sharding)
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def put(x):  # several processes: each builds its own shards from the full value
+        if _is_key(x):
+            return jax.random.wrap_key_data(
+                put(jax.random.key_data(x)), impl=jax.random.key_impl(x)
+            )
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def _is_key(x: Any) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def fit(
@@ -917,7 +936,7 @@ def fit(
         )
         batch_sharding = NamedSharding(auto, PartitionSpec(data_axis))
         state_sharding = NamedSharding(auto, PartitionSpec())
-        train_state = jax.device_put(train_state, state_sharding)
+        train_state = _place(train_state, state_sharding)
 
     core = _make_core(model, loss, optimizer, metrics, on_nonfinite, loss_scale)
     value_names = ["loss", *_normalize_metrics(metrics)]
@@ -929,7 +948,7 @@ def fit(
         return jax.lax.with_sharding_constraint(tree, batch_sharding)
 
     if in_memory:
-        device_data = jax.device_put((inputs, targets), state_sharding)
+        device_data = _place((inputs, targets), state_sharding)
 
         # The carry is the train state without its key: the key is the same at every step
         # and, as a typed PRNG key argument, would cost ~60 us of dispatch per call (measured
@@ -975,7 +994,7 @@ def fit(
                     f"with another key/seed; resume with the same seed or use a new "
                     f"checkpoint_dir."
                 )
-            train_state = jax.device_put(restored, state_sharding)
+            train_state = _place(restored, state_sharding) if mesh else jax.device_put(restored)
             history = meta["history"]
             if meta.get("finished") and (meta.get("stopped") or meta["epoch"] > epochs):
                 return train_state, history  # nothing left to do (or a callback stopped it)
@@ -1045,7 +1064,7 @@ def fit(
             pos = start_pos if epoch == start_epoch else 0
             sums0 = start_sums if epoch == start_epoch and start_sums else None
             acc = jnp.asarray(sums0 or [0.0] * (len(value_names) + 2), jnp.float32)
-            acc = jax.device_put(acc, state_sharding)
+            acc = _place(acc, state_sharding)
             if in_memory:
                 rng = _epoch_rng(shuffle_seed, epoch)
                 idx = _epoch_plan(n, batch_size, drop_remainder, shuffle, rng)

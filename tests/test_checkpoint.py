@@ -248,3 +248,61 @@ def test_a_finished_run_resumed_with_more_epochs_equals_one_long_run(tmp_path):
                        strict=True):  # fmt: skip
         np.testing.assert_array_equal(a, c)
         np.testing.assert_array_equal(b, c)
+
+
+_HOST_SCRIPT = """
+import json, sys
+import jax
+
+process_id, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+import numpy as np, optax
+import fundl as fl
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(64, 4)).astype(np.float32)
+y = np.argmax(x[:, :3], axis=1).astype(np.int32)
+model = fl.serial(fl.dense(8), jax.nn.relu, fl.dense(3))
+mesh = jax.make_mesh((jax.device_count(),), ("data",))
+ts, history = fl.fit(
+    model, optax.softmax_cross_entropy_with_integer_labels, optax.adam(1e-2), (x, y),
+    epochs=2, batch_size=16, seed=0, mesh=mesh, progress=False,
+)
+with open(out, "w") as f:
+    json.dump({"devices": jax.device_count(), "local": jax.local_device_count(),
+               "history": history}, f)
+"""
+
+
+def test_two_processes_on_loopback_match_one_device(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "host.py"
+    script.write_text(textwrap.dedent(_HOST_SCRIPT))
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    procs = [
+        _run(script, i, port, tmp_path / f"out{i}.json", env=env, wait=False) for i in range(2)
+    ]
+    try:
+        for proc in procs:
+            assert proc.wait(timeout=300) == 0
+    finally:
+        for proc in procs:  # never leave a worker behind, even when the other one failed
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    y = np.argmax(x[:, :3], axis=1).astype(np.int32)
+    model = fl.serial(fl.dense(8), jax.nn.relu, fl.dense(3))
+    _, single = fl.fit(model, xent, optax.adam(1e-2), (x, y), epochs=2, batch_size=16, seed=0,
+                       progress=False)  # fmt: skip
+    for i in range(2):
+        result = json.loads((tmp_path / f"out{i}.json").read_text())
+        assert (result["devices"], result["local"]) == (4, 2)
+        # 4 devices sum partial gradients in another order than one: float32 rounding only.
+        for a, b in zip(single, result["history"], strict=True):
+            np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
