@@ -19,6 +19,10 @@ reported (other load on a shared machine only adds time), with the ratios the is
 targets. Timings on a shared machine are noisy.
 
     PYTHONPATH=. python benchmarks/fit_bench.py [--repeats 5] [--verbose] [--epochs 20]
+
+Keras is not a fundl dependency; to include it without touching the environment:
+``python -m venv --system-site-packages /tmp/kvenv && /tmp/kvenv/bin/pip install keras``,
+then run this script with ``KERAS_BACKEND=jax /tmp/kvenv/bin/python``.
 """
 
 from __future__ import annotations
