@@ -308,7 +308,8 @@ def train_step(
             (a ``lax.cond``; ``logs["skipped"]`` is 1) and training continues.
         loss_scale: a static loss-scaling factor for float16 compute: the loss is multiplied
             by it before ``jax.grad`` and the grads divided after, so small float16 grads do
-            not underflow; a step whose grads overflow is treated as non-finite.
+            not underflow; a step whose grads overflow is treated as non-finite (use
+            ``on_nonfinite="skip"`` to skip such steps).
 
     Returns:
         ``step(train_state, batch)``; ``batch`` is ``(inputs, targets)`` or ``(inputs,
@@ -473,7 +474,8 @@ def early_stopping(
 
     Args:
         monitor: the history key to watch, e.g. ``"val_loss"`` or ``"val_accuracy"``.
-        patience: how many epochs without improvement to wait before stopping.
+        patience: stop after this many epochs in a row without improvement (as Keras;
+            0 and 1 both stop at the first epoch that does not improve).
         mode: ``"min"`` (lower is better) or ``"max"``.
         min_delta: the smallest change that counts as an improvement.
         restore_best: when stopping, put back the params (and model state) of the best
@@ -501,11 +503,10 @@ def early_stopping(
         if value < memo["best"] - min_delta:
             memo.update(best=value, wait=0)
             if restore_best:  # a host copy: fit donates the device buffers to the next step
-                memo["best"] = value
                 memo["state"] = jax.device_get((train_state.params, train_state.state))
             return None
         memo["wait"] += 1
-        if memo["wait"] > patience:
+        if memo["wait"] >= patience:
             if restore_best and memo["state"] is not None:
                 params, state = jax.tree_util.tree_map(jnp.asarray, memo["state"])
                 return StopTraining(train_state._replace(params=params, state=state))

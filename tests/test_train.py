@@ -329,12 +329,12 @@ def test_callbacks_get_epoch_logs_and_state_and_can_stop():
 
 
 def test_early_stopping_unit():
-    stop = fl.early_stopping("val_loss", patience=1)
+    stop = fl.early_stopping("val_loss", patience=2)
     ts = fl.init_train_state(_model(), optax.sgd(0.1), jax.random.key(0), np.zeros((1, 4)))
     marked = ts._replace(params=jax.tree_util.tree_map(lambda p: p + 1.0, ts.params))
     assert stop(1, {"val_loss": 1.0}, ts) is None
     assert stop(2, {"val_loss": 0.5}, marked) is None  # best
-    assert stop(3, {"val_loss": 0.7}, ts) is None  # patience 1
+    assert stop(3, {"val_loss": 0.7}, ts) is None  # 1 epoch without improvement of 2
     result = stop(4, {"val_loss": 0.6}, ts)
     assert isinstance(result, fl.StopTraining)
     _assert_bitwise(result.train_state.params, marked.params)
