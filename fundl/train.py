@@ -775,6 +775,7 @@ def fit(
     resume: bool = True,
     mesh: jax.sharding.Mesh | None = None,
     data_axis: str = "data",
+    shard_params: bool = False,
 ) -> tuple[TrainState, list[dict[str, float]]]:
     """Trains ``model`` for ``epochs`` passes over ``train_data``: Keras's ``fit``, pure inside.
 
@@ -845,6 +846,9 @@ def fit(
             the mesh axis ``data_axis`` (``batch_size`` must be a multiple of its size) and
             params and optimizer state are replicated. The model code does not change.
         data_axis: the mesh axis to split batches over.
+        shard_params: with ``mesh``, also split params and optimizer state over
+            ``data_axis`` (FSDP-style: each leaf along its first axis the device count
+            divides), so each device holds a share of them; XLA gathers them for the step.
 
     Returns:
         ``(train_state, history)``: the final :class:`TrainState` and a list with one dict
@@ -915,7 +919,7 @@ def fit(
             f"losses (e.g. optax's losses without .mean()) or pass drop_remainder=True."
         )
 
-    batch_sharding = state_sharding = None
+    batch_sharding = state_sharding = shardings = None
     shards = 1
     if mesh is not None:
         from jax.sharding import NamedSharding, PartitionSpec
@@ -937,7 +941,20 @@ def fit(
         )
         batch_sharding = NamedSharding(auto, PartitionSpec(data_axis))
         state_sharding = NamedSharding(auto, PartitionSpec())
-        train_state = _place(train_state, state_sharding)
+
+        def leaf_sharding(x):
+            # FSDP-style: split a param (and its optimizer moments) along its first axis
+            # that the devices divide; scalars, keys and small leaves stay replicated.
+            if shard_params and not _is_key(x):
+                for axis, size in enumerate(np.shape(x)):
+                    if size % shards == 0 and size >= shards:
+                        spec = [None] * np.ndim(x)
+                        spec[axis] = data_axis
+                        return NamedSharding(auto, PartitionSpec(*spec))
+            return state_sharding
+
+        shardings = jax.tree_util.tree_map(leaf_sharding, train_state)
+        train_state = jax.tree_util.tree_map(_place, train_state, shardings)
 
     core = _make_core(model, loss, optimizer, metrics, on_nonfinite, loss_scale)
     value_names = ["loss", *_normalize_metrics(metrics)]
@@ -947,6 +964,11 @@ def fit(
         if batch_sharding is None:
             return tree
         return jax.lax.with_sharding_constraint(tree, batch_sharding)
+
+    def constrain_carry(carry):  # keep each leaf's layout from step to step
+        if shardings is None:
+            return carry
+        return jax.lax.with_sharding_constraint(carry, shardings._replace(key=None))
 
     if in_memory:
         device_data = _place((inputs, targets), state_sharding)
@@ -962,7 +984,7 @@ def fit(
             x, y = constrain(jax.tree_util.tree_map(lambda a: jnp.take(a, take, axis=0), data))
             mask = constrain(idx >= 0) if per_example else None
             carry, logs = core(carry, x, y, mask, run_key)
-            return (carry, _accumulate(acc, logs, value_names)), None
+            return (constrain_carry(carry), _accumulate(acc, logs, value_names)), None
 
         def many(state, data, idx):
             return jax.lax.scan(lambda c, i: one(c, data, i), state, idx)[0]
@@ -976,7 +998,7 @@ def fit(
             carry, acc = state
             x, y = constrain((x, y))
             carry, logs = core(carry, x, y, constrain(m) if per_example else None, run_key)
-            return carry, _accumulate(acc, logs, value_names)
+            return constrain_carry(carry), _accumulate(acc, logs, value_names)
 
         step_direct = jax.jit(direct, donate_argnums=0)
         steps_per_epoch = 0
@@ -995,7 +1017,11 @@ def fit(
                     f"with another key/seed; resume with the same seed or use a new "
                     f"checkpoint_dir."
                 )
-            train_state = _place(restored, state_sharding) if mesh else jax.device_put(restored)
+            train_state = (
+                jax.tree_util.tree_map(_place, restored, shardings)
+                if mesh
+                else jax.device_put(restored)
+            )
             history = meta["history"]
             if meta.get("finished") and (meta.get("stopped") or meta["epoch"] > epochs):
                 return train_state, history  # nothing left to do (or a callback stopped it)

@@ -195,17 +195,21 @@ x = rng.normal(size=(90, 4)).astype(np.float32)
 y = np.argmax(x[:, :3], axis=1).astype(np.int32)
 model = fl.serial(fl.dense(16), jax.nn.relu, fl.dense(3))
 results = {}
-for name, mesh in [("one", None), ("four", jax.make_mesh((4,), ("data",)))]:
+mesh4 = jax.make_mesh((4,), ("data",))
+for name, mesh, fsdp in [("one", None, False), ("four", mesh4, False), ("fsdp", mesh4, True)]:
     for k in (1, 3):
         ts, history = fl.fit(
             model, optax.softmax_cross_entropy_with_integer_labels, optax.adam(1e-2), (x, y),
             epochs=3, batch_size=16, seed=0, eval_data=(x[:30], y[:30]),
             metrics={"accuracy": fl.accuracy}, steps_per_call=k, mesh=mesh, progress=False,
+            shard_params=fsdp,
         )
         results[f"{name}-{k}"] = {
             "history": history,
             "params": [np.asarray(v).tolist() for v in jax.tree_util.tree_leaves(ts.params)],
             "sharding": str(ts.params[0]["w"].sharding),
+            "spec": str(ts.params[0]["w"].sharding.spec) if mesh else "",
+            "mu_spec": str(ts.opt_state[0].mu[0]["w"].sharding.spec) if mesh else "",
             "devices": len(ts.params[0]["w"].sharding.device_set),
         }
 print(json.dumps(results))
@@ -219,8 +223,11 @@ def test_data_parallel_on_four_cpu_devices_matches_one_device(tmp_path):
     results = json.loads(_run(script, env=env).stdout)
     assert "NamedSharding" in results["four-1"]["sharding"]
     assert results["four-1"]["devices"] == 4  # params replicated on all four devices
-    for k in (1, 3):
-        one, four = results[f"one-{k}"], results[f"four-{k}"]
+    assert results["four-1"]["spec"] == "P()"
+    # FSDP: w (4, 16) is split along its first axis, and so is adam's first moment of it
+    assert results["fsdp-1"]["spec"] == results["fsdp-1"]["mu_spec"] == "P('data',)"
+    for k, variant in [(1, "four"), (3, "four"), (1, "fsdp"), (3, "fsdp")]:
+        one, four = results[f"one-{k}"], results[f"{variant}-{k}"]
         # The 4-device step sums per-device partial gradients, a different float32 summation
         # order than one device: equal to float32 rounding, not bitwise.
         for a, b in zip(one["history"], four["history"], strict=True):
