@@ -1074,7 +1074,7 @@ def fit(
 
     gstep = int(ts.step)  # the global step, tracked on the host (no sync per step)
     first_spec = None
-    epoch = start_epoch
+    epoch = start_epoch - 1  # the last epoch done (for the final checkpoint)
     stop = False
 
     def after_call(ts, acc, k, epoch, pos):
