@@ -97,3 +97,34 @@ __all__ = [
     "rms_norm",
     "dropout",
 ]
+
+# training loop (issue 4)
+from fundl import checkpoint
+from fundl.train import (
+    NonFiniteLossError,
+    StopTraining,
+    TrainState,
+    early_stopping,
+    eval_step,
+    evaluate,
+    fit,
+    freeze,
+    init_train_state,
+    load_params,
+    train_step,
+)
+
+__all__ += [
+    "TrainState",
+    "NonFiniteLossError",
+    "StopTraining",
+    "init_train_state",
+    "train_step",
+    "eval_step",
+    "evaluate",
+    "fit",
+    "early_stopping",
+    "freeze",
+    "load_params",
+    "checkpoint",
+]
