@@ -9,8 +9,10 @@ with ``x_t`` of shape ``(batch, in)`` and a ``carry`` (the memory: an array, or 
 such as the LSTM's ``(h, c)``) whose leaves are ``(batch, hidden)``.
 :func:`initial_carry` builds the zero carry of any cell. :func:`rnn` turns a cell into a
 layer over whole sequences ``(batch, time, in)``, with ``jax.lax.scan`` so that it compiles
-once whatever the sequence length; :func:`bidirectional` runs two of them in opposite
-directions.
+once whatever the sequence length; it takes optional ``lengths`` (or a boolean mask) for
+padded batches and an optional initial carry, and outputs ``(batch, time, H)`` or
+``(batch, H)`` (plus the final carry with ``return_carry=True``), so that it stacks in
+:func:`fundl.serial`. :func:`bidirectional` runs two of them in opposite directions.
 
 Gate layouts follow cuDNN and PyTorch, so that weights carry over (see
 :mod:`fundl.interop`):
@@ -53,11 +55,11 @@ __all__ = [
 
 Initializer = Callable[..., jax.Array]
 Carry = Any
-default_wi_init: Initializer = initializers.glorot_uniform()
-"""Glorot (Xavier) uniform, for the input weights, as Keras's recurrent layers."""
-default_wh_init: Initializer = initializers.orthogonal()
-"""Orthogonal, for the recurrent weights (applied per gate), as Keras's recurrent layers."""
 """A cell's memory: an array or a pytree of arrays, each of shape ``(batch, hidden)``."""
+default_wi_init: Initializer = initializers.glorot_uniform()
+"""Glorot (Xavier) uniform, for the input weights (applied per gate), as Keras."""
+default_wh_init: Initializer = initializers.orthogonal()
+"""Orthogonal, for the recurrent weights (applied per gate), as Keras."""
 
 
 class _CellImpl(NamedTuple):
@@ -66,8 +68,8 @@ class _CellImpl(NamedTuple):
     ``initial_carry(batch_shape, dtype)`` builds the zero carry. For the built-in cells,
     ``project(params, x) -> xp`` is the input projection (any leading axes, ``(..., in) ->
     (..., G)``) and ``step(params, carry, xp_t) -> (carry, y_t)`` the recurrence, so that
-    :func:`rnn` computes the projection of all steps in one matmul outside the scan. Both
-    are ``None`` for cells made by :func:`make_cell`.
+    :func:`rnn` can project all steps in one matmul outside the scan (``hoist``). Both are
+    ``None`` for cells made by :func:`make_cell`.
     """
 
     initial_carry: Callable[[tuple[int, ...], Any], Carry]
@@ -102,7 +104,6 @@ def _check_hidden(name: str, hidden: int) -> None:
 def _gated_cell(
     name: str,
     hidden: int,
-    gates: int,
     carry_names: tuple[str, ...],
     make_params: Callable[[jax.Array, int, Any], dict],
     project: Callable[[Any, jax.Array, Any], jax.Array],
@@ -240,7 +241,7 @@ def simple_rnn_cell(
         h_new = activation(xp + jnp.matmul(h.astype(cdtype), params["wh"].astype(cdtype)))
         return h_new.astype(h.dtype), h_new
 
-    return _gated_cell(name, hidden, 1, ("h",), make_params, project, step, dtype, param_dtype)
+    return _gated_cell(name, hidden, ("h",), make_params, project, step, dtype, param_dtype)
 
 
 def lstm_cell(
@@ -320,7 +321,7 @@ def lstm_cell(
         h_new = jax.nn.sigmoid(o) * jnp.tanh(c_new)
         return (h_new.astype(h.dtype), c_new.astype(c.dtype)), h_new
 
-    return _gated_cell(name, hidden, 4, ("h", "c"), make_params, project, step, dtype, param_dtype)
+    return _gated_cell(name, hidden, ("h", "c"), make_params, project, step, dtype, param_dtype)
 
 
 def gru_cell(
@@ -397,7 +398,7 @@ def gru_cell(
         h_new = (1 - z) * n + z * hc
         return h_new.astype(h.dtype), h_new
 
-    return _gated_cell(name, hidden, 3, ("h",), make_params, project, step, dtype, param_dtype)
+    return _gated_cell(name, hidden, ("h",), make_params, project, step, dtype, param_dtype)
 
 
 def make_cell(layer: Layer, initial_carry: Callable[[tuple[int, ...], Any], Carry]) -> Layer:
