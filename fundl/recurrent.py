@@ -479,8 +479,12 @@ def _call(segment: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> An
         raise with_path(err, segment) from None
 
 
-def _is_traced(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
+def _concrete(x: Any) -> np.ndarray | None:
+    """``x`` as a NumPy array, or ``None`` when it is traced (under ``jit`` or ``vmap``)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
 
 
 def _time_mask(name: str, x: jax.Array, lengths: Any) -> jax.Array | None:
@@ -502,14 +506,14 @@ def _time_mask(name: str, x: jax.Array, lengths: Any) -> jax.Array | None:
             f"mask of shape (batch, time) = {(batch, time)}; got {dtype} of shape "
             f"{tuple(lengths.shape)}."
         )
-    if not _is_traced(lengths):
-        concrete = np.asarray(lengths)
-        if concrete.size and (concrete.max() > time or concrete.min() < 0):
-            raise ValueError(
-                f"{name}: lengths must lie in [0, {time}] (the time axis of the input), got "
-                f"values from {concrete.min()} to {concrete.max()}. Pad the inputs to the "
-                f"longest sequence or fix the lengths."
-            )
+    concrete = _concrete(lengths)  # None under jit: then out-of-range lengths act clipped
+    bad = concrete is not None and concrete.size and (concrete.max() > time or concrete.min() < 0)
+    if bad:
+        raise ValueError(
+            f"{name}: lengths must lie in [0, {time}] (the time axis of the input), got "
+            f"values from {concrete.min()} to {concrete.max()}. Pad the inputs to the "
+            f"longest sequence or fix the lengths."
+        )
     steps = jnp.arange(time, dtype=dtype).reshape(1, time)
     return steps < lengths.reshape(batch, 1)
 
