@@ -128,3 +128,26 @@ __all__ += [
     "load_params",
     "checkpoint",
 ]
+
+# recurrent layers (issue 6)
+from fundl import interop
+from fundl.recurrent import (
+    bidirectional,
+    gru_cell,
+    initial_carry,
+    lstm_cell,
+    make_cell,
+    rnn,
+    simple_rnn_cell,
+)
+
+__all__ += [
+    "simple_rnn_cell",
+    "lstm_cell",
+    "gru_cell",
+    "make_cell",
+    "initial_carry",
+    "rnn",
+    "bidirectional",
+    "interop",
+]

@@ -35,4 +35,11 @@ LAYERS = [
     Descriptor("group_norm", fst.group_norm_cases()),
     Descriptor("rms_norm", fst.rms_norm_cases()),
     Descriptor("dropout", fst.dropout_cases()),
+    # recurrent (issue 6)
+    Descriptor("simple_rnn_cell", fst.simple_rnn_cell_cases()),
+    Descriptor("lstm_cell", fst.lstm_cell_cases()),
+    Descriptor("gru_cell", fst.gru_cell_cases()),
+    Descriptor("rnn", fst.rnn_cases()),
+    Descriptor("bidirectional", fst.bidirectional_cases()),
+    Descriptor("stacked_rnn", fst.stacked_rnn_cases()),
 ]

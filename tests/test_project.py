@@ -13,7 +13,7 @@ import pytest
 import fundl
 
 ROOT = Path(__file__).resolve().parent.parent
-PUBLIC_MODULES = ["fundl", "fundl.datasets", "fundl.metrics", "fundl.testing", "fundl.checkpoint",
+PUBLIC_MODULES = ["fundl", "fundl.datasets", "fundl.metrics", "fundl.testing", "fundl.checkpoint", "fundl.interop",
                   "fundl.testing.strategies"]  # fmt: skip
 
 

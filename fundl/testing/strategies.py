@@ -54,6 +54,14 @@ __all__ = [
     "group_norm_cases",
     "rms_norm_cases",
     "dropout_cases",
+    # recurrent (issue 6)
+    "cells",
+    "simple_rnn_cell_cases",
+    "lstm_cell_cases",
+    "gru_cell_cases",
+    "rnn_cases",
+    "bidirectional_cases",
+    "stacked_rnn_cases",
 ]
 
 
@@ -413,3 +421,119 @@ def dropout_cases(draw: st.DrawFn) -> LayerCase:
     x = draw(_norm_input())
     rate = draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]))
     return LayerCase(fl.dropout(rate), (x,), x.shape, train=draw(st.booleans()))
+
+
+# -- recurrent layers (issue 6) --------------------------------------------------------------
+
+
+def _carry_shapes(kind: str, batch: int, hidden: int) -> Any:
+    return ((batch, hidden), (batch, hidden)) if kind == "lstm" else (batch, hidden)
+
+
+def _make_cell(kind: str, hidden: int, relu: bool = False) -> Layer:
+    if kind == "lstm":
+        return fl.lstm_cell(hidden)
+    if kind == "gru":
+        return fl.gru_cell(hidden)
+    return fl.simple_rnn_cell(hidden, activation=jax.nn.relu if relu else jax.nn.tanh)
+
+
+@st.composite
+def cells(draw: st.DrawFn, max_hidden: int = 4) -> tuple[str, int, Layer]:
+    """``(kind, hidden, cell)``: an LSTM, GRU or simple (tanh or relu) cell of a tiny size."""
+    kind = draw(st.sampled_from(["lstm", "gru", "simple"]))
+    hidden = draw(st.integers(1, max_hidden))
+    return kind, hidden, _make_cell(kind, hidden, relu=draw(st.booleans()))
+
+
+def _cell_case(draw: st.DrawFn, kind: str) -> LayerCase:
+    batch, n_in, hidden = draw(batch_sizes(3)), draw(feature_sizes(3)), draw(feature_sizes(4))
+    cell = _make_cell(kind, hidden, relu=draw(st.booleans()))
+    x = draw(normal_arrays((batch, n_in)))
+    if kind == "lstm":
+        carry: Any = (draw(normal_arrays((batch, hidden))), draw(normal_arrays((batch, hidden))))
+    else:
+        carry = draw(normal_arrays((batch, hidden)))
+    out = (_carry_shapes(kind, batch, hidden), (batch, hidden))
+    return LayerCase(cell, (carry, x), out)
+
+
+@st.composite
+def simple_rnn_cell_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.simple_rnn_cell`` (tanh or relu) on one step: inputs ``(h, x_t)``."""
+    return _cell_case(draw, "simple")
+
+
+@st.composite
+def lstm_cell_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.lstm_cell`` on one step: inputs ``((h, c), x_t)``."""
+    return _cell_case(draw, "lstm")
+
+
+@st.composite
+def gru_cell_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.gru_cell`` on one step: inputs ``(h, x_t)``."""
+    return _cell_case(draw, "gru")
+
+
+def _lengths(draw: st.DrawFn, batch: int, time: int) -> np.ndarray:
+    return np.asarray([draw(st.integers(0, time)) for _ in range(batch)], np.int32)
+
+
+@st.composite
+def rnn_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.rnn`` over every cell kind and option, with or without ``lengths``.
+
+    Draws ``return_sequences``, ``return_carry``, ``reverse``, ``unroll`` and ``hoist``;
+    inputs are ``(x,)`` or ``(x, lengths)`` with ``x`` of shape ``(batch, time, in)``.
+    """
+    kind, hidden, cell = draw(cells())
+    batch, time, n_in = draw(batch_sizes(3)), draw(st.integers(1, 4)), draw(feature_sizes(3))
+    seqs, with_carry = draw(st.booleans()), draw(st.booleans())
+    layer = fl.rnn(
+        cell,
+        return_sequences=seqs,
+        return_carry=with_carry,
+        reverse=draw(st.booleans()),
+        unroll=draw(st.sampled_from([1, 2])),
+        hoist=draw(st.sampled_from([None, True, False])),
+    )
+    x = draw(normal_arrays((batch, time, n_in)))
+    inputs: tuple[Any, ...] = (x, _lengths(draw, batch, time)) if draw(st.booleans()) else (x,)
+    out: Any = (batch, time, hidden) if seqs else (batch, hidden)
+    if with_carry:
+        out = (out, _carry_shapes(kind, batch, hidden))
+    return LayerCase(layer, inputs, out)
+
+
+@st.composite
+def bidirectional_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.bidirectional`` of two drawn cells, merged by concat or sum, maybe with lengths."""
+    _, h1, fwd = draw(cells())
+    merge = draw(st.sampled_from(["concat", "sum"]))
+    kind2 = draw(st.sampled_from(["lstm", "gru", "simple"]))
+    h2 = h1 if merge == "sum" else draw(feature_sizes(4))
+    seqs = draw(st.booleans())
+    layer = fl.bidirectional(
+        fl.rnn(fwd, return_sequences=seqs),
+        fl.rnn(_make_cell(kind2, h2), return_sequences=seqs, reverse=True),
+        merge=merge,
+    )
+    batch, time, n_in = draw(batch_sizes(3)), draw(st.integers(1, 4)), draw(feature_sizes(3))
+    x = draw(normal_arrays((batch, time, n_in)))
+    inputs: tuple[Any, ...] = (x, _lengths(draw, batch, time)) if draw(st.booleans()) else (x,)
+    width = h1 + h2 if merge == "concat" else h1
+    return LayerCase(layer, inputs, (batch, time, width) if seqs else (batch, width))
+
+
+@st.composite
+def stacked_rnn_cases(draw: st.DrawFn) -> LayerCase:
+    """Two ``fl.rnn`` layers and a dense head in ``fl.serial``: a sequence classifier."""
+    _, h1, c1 = draw(cells())
+    _, h2, c2 = draw(cells())
+    batch, time, n_in = draw(batch_sizes(3)), draw(st.integers(1, 4)), draw(feature_sizes(3))
+    n_out = draw(feature_sizes(3))
+    layer = fl.serial(fl.rnn(c1), jax.nn.tanh, fl.rnn(c2, return_sequences=False), fl.dense(n_out))
+    x = draw(normal_arrays((batch, time, n_in)))
+    del h1, h2
+    return LayerCase(layer, (x,), (batch, n_out))
