@@ -5,7 +5,7 @@ state)`` and ``apply(params, state, *inputs, key=None, train=False) -> (outputs,
 combinators compose them, XLA compiles them, optax trains them.
 """
 
-from fundl import datasets, metrics
+from fundl import checkpoint, datasets, interop, metrics
 from fundl.activations import (
     elu,
     gelu,
@@ -38,7 +38,29 @@ from fundl.dropout import dropout
 from fundl.metrics import accuracy, masked_mean
 from fundl.norm import BatchNormState, batch_norm, group_norm, layer_norm, rms_norm
 from fundl.pooling import avg_pool, global_avg_pool, global_max_pool, max_pool
+from fundl.recurrent import (
+    bidirectional,
+    gru_cell,
+    initial_carry,
+    lstm_cell,
+    make_cell,
+    rnn,
+    simple_rnn_cell,
+)
 from fundl.summary import summary
+from fundl.train import (
+    NonFiniteLossError,
+    StopTraining,
+    TrainState,
+    early_stopping,
+    eval_step,
+    evaluate,
+    fit,
+    freeze,
+    init_train_state,
+    load_params,
+    train_step,
+)
 
 __version__ = "0.1.0"
 
@@ -61,7 +83,7 @@ __all__ = [
     "function",
     "identity",
     "as_layer",
-    # layers
+    # dense layers
     "dense",
     "flatten",
     "reshape",
@@ -76,72 +98,21 @@ __all__ = [
     "tanh",
     "softmax",
     "log_softmax",
-    # metrics and tools
-    "accuracy",
-    "masked_mean",
-    "summary",
-    # submodules
-    "datasets",
-    "metrics",
-    # convolutional networks (issue 3)
+    # convolutional networks
     "conv",
     "conv_transpose",
     "max_pool",
     "avg_pool",
     "global_avg_pool",
     "global_max_pool",
+    # normalization and regularization
     "batch_norm",
     "BatchNormState",
     "layer_norm",
     "group_norm",
     "rms_norm",
     "dropout",
-]
-
-# training loop (issue 4)
-from fundl import checkpoint
-from fundl.train import (
-    NonFiniteLossError,
-    StopTraining,
-    TrainState,
-    early_stopping,
-    eval_step,
-    evaluate,
-    fit,
-    freeze,
-    init_train_state,
-    load_params,
-    train_step,
-)
-
-__all__ += [
-    "TrainState",
-    "NonFiniteLossError",
-    "StopTraining",
-    "init_train_state",
-    "train_step",
-    "eval_step",
-    "evaluate",
-    "fit",
-    "early_stopping",
-    "freeze",
-    "load_params",
-    "checkpoint",
-]
-
-# recurrent layers (issue 6)
-from fundl import interop
-from fundl.recurrent import (
-    bidirectional,
-    gru_cell,
-    initial_carry,
-    lstm_cell,
-    make_cell,
-    rnn,
-    simple_rnn_cell,
-)
-
-__all__ += [
+    # recurrent layers
     "simple_rnn_cell",
     "lstm_cell",
     "gru_cell",
@@ -149,5 +120,25 @@ __all__ += [
     "initial_carry",
     "rnn",
     "bidirectional",
+    # training
+    "TrainState",
+    "init_train_state",
+    "train_step",
+    "eval_step",
+    "evaluate",
+    "fit",
+    "early_stopping",
+    "StopTraining",
+    "NonFiniteLossError",
+    "freeze",
+    "load_params",
+    # metrics and tools
+    "accuracy",
+    "masked_mean",
+    "summary",
+    # submodules
+    "checkpoint",
+    "datasets",
     "interop",
+    "metrics",
 ]

@@ -419,7 +419,8 @@ def make_cell(layer: Layer, initial_carry: Callable[[tuple[int, ...], Any], Carr
         >>> cell = fl.make_cell(fl.Layer(init, apply), lambda shape, dtype: jnp.zeros((*shape, 3)))
         >>> layer = fl.rnn(cell)
         >>> params, state = layer.init(jax.random.key(0), jnp.zeros((1, 4, 2)))
-        >>> layer.apply(params, state, jnp.ones((1, 4, 2)))[0][0, :, 0]
+        >>> y, state = layer.apply(params, state, jnp.ones((1, 4, 2)))
+        >>> y[0, :, 0]
         Array([2.  , 3.  , 3.5 , 3.75], dtype=float32)
 
     Args:

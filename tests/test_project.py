@@ -13,8 +13,15 @@ import pytest
 import fundl
 
 ROOT = Path(__file__).resolve().parent.parent
-PUBLIC_MODULES = ["fundl", "fundl.datasets", "fundl.metrics", "fundl.testing", "fundl.checkpoint", "fundl.interop",
-                  "fundl.testing.strategies"]  # fmt: skip
+PUBLIC_MODULES = [
+    "fundl",
+    "fundl.checkpoint",
+    "fundl.datasets",
+    "fundl.interop",
+    "fundl.metrics",
+    "fundl.testing",
+    "fundl.testing.strategies",
+]
 
 
 @pytest.mark.parametrize("args", [["check"], ["format", "--check"]], ids=["lint", "format"])

@@ -440,7 +440,11 @@ def _make_cell(kind: str, hidden: int, relu: bool = False) -> Layer:
 
 @st.composite
 def cells(draw: st.DrawFn, max_hidden: int = 4) -> tuple[str, int, Layer]:
-    """``(kind, hidden, cell)``: an LSTM, GRU or simple (tanh or relu) cell of a tiny size."""
+    """``(kind, hidden, cell)``: an LSTM, GRU or simple (tanh or relu) cell of a tiny size.
+
+    Args:
+        max_hidden: the largest hidden size drawn.
+    """
     kind = draw(st.sampled_from(["lstm", "gru", "simple"]))
     hidden = draw(st.integers(1, max_hidden))
     return kind, hidden, _make_cell(kind, hidden, relu=draw(st.booleans()))
