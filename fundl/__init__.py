@@ -18,6 +18,7 @@ from fundl.activations import (
     swish,
     tanh,
 )
+from fundl.attention import KVCache, init_cache, multi_head_attention
 from fundl.combinators import (
     as_layer,
     branch,
@@ -27,14 +28,24 @@ from fundl.combinators import (
     function,
     identity,
     parallel,
+    repeat,
     residual,
     serial,
     shared,
 )
 from fundl.core import ApplyFn, InitFn, Layer, Params, State
 from fundl.dense import dense, flatten, reshape
+from fundl.embedding import (
+    attend,
+    embedding,
+    learned_positions,
+    rotary,
+    sinusoidal_positions,
+    sinusoidal_table,
+)
 from fundl.metrics import accuracy, masked_mean
 from fundl.summary import summary
+from fundl.transformer import attention_residual, decoder_block, encoder_block
 
 __version__ = "0.1.0"
 
@@ -79,4 +90,18 @@ __all__ = [
     # submodules
     "datasets",
     "metrics",
+    # attention and transformers
+    "embedding",
+    "attend",
+    "sinusoidal_table",
+    "sinusoidal_positions",
+    "learned_positions",
+    "rotary",
+    "multi_head_attention",
+    "KVCache",
+    "init_cache",
+    "attention_residual",
+    "encoder_block",
+    "decoder_block",
+    "repeat",
 ]

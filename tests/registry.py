@@ -26,4 +26,11 @@ LAYERS = [
     Descriptor("branch", fst.branch_cases()),
     Descriptor("residual", fst.residual_cases()),
     Descriptor("shared", fst.shared_cases()),
+    Descriptor("embedding", fst.embedding_cases()),
+    Descriptor("sinusoidal_positions", fst.sinusoidal_positions_cases()),
+    Descriptor("learned_positions", fst.learned_positions_cases()),
+    Descriptor("multi_head_attention", fst.multi_head_attention_cases()),
+    Descriptor("encoder_block", fst.encoder_block_cases()),
+    Descriptor("decoder_block", fst.decoder_block_cases()),
+    Descriptor("repeat", fst.repeat_cases()),
 ]
