@@ -7,7 +7,7 @@ import importlib
 
 from benchmarks.harness import environment, format_table, plot, write_json
 
-SUITES = {"mlp": "benchmarks.mlp_step"}
+SUITES = {"mlp": "benchmarks.mlp_step", "cnn": "benchmarks.cnn_step"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,8 +33,10 @@ from fundl.combinators import (
     serial,
     shared,
 )
+from fundl.conv import conv, conv_transpose
 from fundl.core import ApplyFn, InitFn, Layer, Params, State
 from fundl.dense import dense, flatten, reshape
+from fundl.dropout import dropout
 from fundl.embedding import (
     attend,
     embedding,
@@ -44,6 +46,8 @@ from fundl.embedding import (
     sinusoidal_table,
 )
 from fundl.metrics import accuracy, masked_mean
+from fundl.norm import BatchNormState, batch_norm, group_norm, layer_norm, rms_norm
+from fundl.pooling import avg_pool, global_avg_pool, global_max_pool, max_pool
 from fundl.summary import summary
 from fundl.transformer import attention_residual, decoder_block, encoder_block
 
@@ -104,4 +108,17 @@ __all__ = [
     "encoder_block",
     "decoder_block",
     "repeat",
+    # convolutional networks (issue 3)
+    "conv",
+    "conv_transpose",
+    "max_pool",
+    "avg_pool",
+    "global_avg_pool",
+    "global_max_pool",
+    "batch_norm",
+    "BatchNormState",
+    "layer_norm",
+    "group_norm",
+    "rms_norm",
+    "dropout",
 ]

@@ -33,4 +33,13 @@ LAYERS = [
     Descriptor("encoder_block", fst.encoder_block_cases()),
     Descriptor("decoder_block", fst.decoder_block_cases()),
     Descriptor("repeat", fst.repeat_cases()),
+    Descriptor("conv", fst.conv_cases()),
+    Descriptor("conv_transpose", fst.conv_transpose_cases()),
+    Descriptor("pool", fst.pool_cases()),
+    Descriptor("global_pool", fst.global_pool_cases()),
+    Descriptor("batch_norm", fst.batch_norm_cases()),
+    Descriptor("layer_norm", fst.layer_norm_cases()),
+    Descriptor("group_norm", fst.group_norm_cases()),
+    Descriptor("rms_norm", fst.rms_norm_cases()),
+    Descriptor("dropout", fst.dropout_cases()),
 ]

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
@@ -33,6 +34,7 @@ __all__ = [
     "batch_sizes",
     "feature_sizes",
     "normal_arrays",
+    "float_dtypes",
     "activations",
     "dense_cases",
     "flatten_cases",
@@ -51,6 +53,15 @@ __all__ = [
     "encoder_block_cases",
     "decoder_block_cases",
     "repeat_cases",
+    "conv_cases",
+    "conv_transpose_cases",
+    "pool_cases",
+    "global_pool_cases",
+    "batch_norm_cases",
+    "layer_norm_cases",
+    "group_norm_cases",
+    "rms_norm_cases",
+    "dropout_cases",
 ]
 
 
@@ -97,6 +108,11 @@ def normal_arrays(shape: tuple[int, ...], dtype: Any = np.float32) -> st.SearchS
     """
     seeds = st.integers(0, 2**32 - 1)
     return seeds.map(lambda s: np.random.default_rng(s).standard_normal(shape).astype(dtype))
+
+
+def float_dtypes() -> st.SearchStrategy[np.dtype]:
+    """The floating dtypes layers compute in: float32, bfloat16 and float16."""
+    return st.sampled_from([np.dtype(np.float32), jnp.dtype(jnp.bfloat16), np.dtype(np.float16)])
 
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -352,3 +368,193 @@ def repeat_cases(draw: st.DrawFn) -> LayerCase:
         return LayerCase(layer, (draw(normal_arrays((batch, width))),), (batch, width))
     case = _block_case(draw, fl.decoder_block)
     return case._replace(layer=fl.repeat(case.layer, n))
+
+
+# Convolutional networks (issue 3). Sizes stay tiny: gradients are checked in float64 by
+# finite differences, and 3-D cases are drawn less often than 1-D and 2-D ones.
+
+
+def _spatial_rank() -> st.SearchStrategy[int]:
+    return st.sampled_from([1, 1, 2, 2, 3])
+
+
+@st.composite
+def _window_config(draw: st.DrawFn, n: int, max_kernel: int = 3) -> dict[str, Any]:
+    kernel = tuple(draw(st.integers(1, max_kernel)) for _ in range(n))
+    strides = tuple(draw(st.integers(1, 2)) for _ in range(n))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(n))
+    spans = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation, strict=True))
+    return {"kernel": kernel, "strides": strides, "dilation": dilation, "spans": spans}
+
+
+@st.composite
+def conv_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.conv`` in 1-D to 3-D: drawn kernels, strides, dilations, groups and paddings.
+
+    Paddings are "SAME", "VALID", "CAUSAL" (1-D) and explicit pairs; inputs are at least
+    as long as the dilated kernel.
+    """
+    n = draw(_spatial_rank())
+    cfg = draw(_window_config(n))
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    n_in, n_out = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    modes = ["SAME", "VALID", "explicit"] + (["CAUSAL"] if n == 1 else [])
+    mode = draw(st.sampled_from(modes))
+    pads = tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(n))
+    padding = pads if mode == "explicit" else mode
+    sizes = tuple(draw(st.integers(k, k + (3 if n < 3 else 1))) for k in cfg["spans"])
+    out = []
+    for size, k, s, (lo, hi) in zip(sizes, cfg["spans"], cfg["strides"], pads, strict=True):
+        if mode in ("SAME", "CAUSAL"):
+            out.append(-(-size // s))
+        elif mode == "VALID":
+            out.append((size - k) // s + 1)
+        else:
+            out.append((size + lo + hi - k) // s + 1)
+    layer = fl.conv(
+        n_out,
+        cfg["kernel"],
+        strides=cfg["strides"],
+        padding=padding,
+        dilation=cfg["dilation"],
+        groups=groups,
+        use_bias=draw(st.booleans()),
+    )
+    batch = draw(st.integers(1, 2))
+    x = draw(normal_arrays((batch, *sizes, n_in)))
+    return LayerCase(layer, (x,), (batch, *out, n_out))
+
+
+@st.composite
+def conv_transpose_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.conv_transpose`` in 1-D to 3-D: drawn kernels, strides, dilations, groups, paddings."""
+    n = draw(_spatial_rank())
+    cfg = draw(_window_config(n))
+    groups = draw(st.sampled_from([1, 1, 2]))
+    n_in, n_out = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    modes = ["SAME", "VALID", "explicit"] + (["CAUSAL"] if n == 1 else [])
+    mode = draw(st.sampled_from(modes))
+    pads = tuple(
+        (draw(st.integers(0, (k - 1) // 2)), draw(st.integers(0, (k - 1) // 2)))
+        for k in cfg["spans"]
+    )
+    padding = pads if mode == "explicit" else mode
+    sizes = tuple(draw(st.integers(1, 3 if n < 3 else 2)) for _ in range(n))
+    out = []
+    for size, k, s, (lo, hi) in zip(sizes, cfg["spans"], cfg["strides"], pads, strict=True):
+        if mode in ("SAME", "CAUSAL"):
+            out.append(size * s)
+        elif mode == "VALID":
+            out.append((size - 1) * s + k)
+        else:
+            out.append((size - 1) * s + k - lo - hi)
+    layer = fl.conv_transpose(
+        n_out,
+        cfg["kernel"],
+        strides=cfg["strides"],
+        padding=padding,
+        dilation=cfg["dilation"],
+        groups=groups,
+    )
+    batch = draw(st.integers(1, 2))
+    x = draw(normal_arrays((batch, *sizes, n_in)))
+    return LayerCase(layer, (x,), (batch, *out, n_out))
+
+
+@st.composite
+def pool_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.max_pool`` or ``fl.avg_pool`` in 1-D to 3-D: drawn windows, strides, paddings.
+
+    Strides may be ``None`` (the window); explicit pads stay smaller than the window.
+    """
+    n = draw(_spatial_rank())
+    window = tuple(draw(st.integers(1, 3)) for _ in range(n))
+    strides = draw(st.one_of(st.none(), st.tuples(*(st.integers(1, 3) for _ in range(n)))))
+    steps = window if strides is None else strides
+    mode = draw(st.sampled_from(["SAME", "VALID", "explicit"]))
+    pads = tuple((draw(st.integers(0, w - 1)), draw(st.integers(0, w - 1))) for w in window)
+    padding = pads if mode == "explicit" else mode
+    sizes = tuple(draw(st.integers(w, w + (3 if n < 3 else 1))) for w in window)
+    out = []
+    for size, w, s, (lo, hi) in zip(sizes, window, steps, pads, strict=True):
+        if mode == "SAME":
+            out.append(-(-size // s))
+        elif mode == "VALID":
+            out.append((size - w) // s + 1)
+        else:
+            out.append((size + lo + hi - w) // s + 1)
+    pool = draw(st.sampled_from([fl.max_pool, fl.avg_pool]))
+    batch, features = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    x = draw(normal_arrays((batch, *sizes, features)))
+    return LayerCase(pool(window, strides, padding), (x,), (batch, *out, features))
+
+
+@st.composite
+def global_pool_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.global_avg_pool`` or ``fl.global_max_pool``, with or without ``keepdims``."""
+    n = draw(_spatial_rank())
+    sizes = tuple(draw(st.integers(1, 3)) for _ in range(n))
+    batch, features = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    keepdims = draw(st.booleans())
+    pool = draw(st.sampled_from([fl.global_avg_pool, fl.global_max_pool]))
+    x = draw(normal_arrays((batch, *sizes, features)))
+    out = (batch, *((1,) * n if keepdims else ()), features)
+    return LayerCase(pool(keepdims=keepdims), (x,), out)
+
+
+@st.composite
+def _norm_input(draw: st.DrawFn) -> np.ndarray:
+    """``(batch, *spatial, features)`` with 0 to 2 spatial axes and 1 to 6 features."""
+    spatial = draw(st.lists(st.integers(1, 3), max_size=2))
+    shape = (draw(st.integers(1, 3)), *spatial, draw(st.integers(1, 6)))
+    return draw(normal_arrays(shape))
+
+
+@st.composite
+def batch_norm_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.batch_norm`` in training (batch statistics, state update) or inference mode.
+
+    Momentum and the scale/bias options are drawn too.
+    """
+    x = draw(_norm_input())
+    layer = fl.batch_norm(
+        momentum=draw(st.sampled_from([0.0, 0.9, 0.99])),
+        use_scale=draw(st.booleans()),
+        use_bias=draw(st.booleans()),
+    )
+    return LayerCase(layer, (x,), x.shape, train=draw(st.booleans()))
+
+
+@st.composite
+def layer_norm_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.layer_norm`` with drawn scale/bias options."""
+    x = draw(_norm_input())
+    layer = fl.layer_norm(use_scale=draw(st.booleans()), use_bias=draw(st.booleans()))
+    return LayerCase(layer, (x,), x.shape)
+
+
+@st.composite
+def group_norm_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.group_norm`` with a drawn number of groups dividing the features."""
+    x = draw(_norm_input())
+    features = x.shape[-1]
+    groups = draw(st.sampled_from([g for g in range(1, features + 1) if features % g == 0]))
+    return LayerCase(fl.group_norm(groups, use_bias=draw(st.booleans())), (x,), x.shape)
+
+
+@st.composite
+def rms_norm_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.rms_norm`` with or without ``scale``."""
+    x = draw(_norm_input())
+    return LayerCase(fl.rms_norm(use_scale=draw(st.booleans())), (x,), x.shape)
+
+
+@st.composite
+def dropout_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.dropout`` in training (a fixed key: deterministic) or inference mode.
+
+    Rates include the edge cases 0 and 1.
+    """
+    x = draw(_norm_input())
+    rate = draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]))
+    return LayerCase(fl.dropout(rate), (x,), x.shape, train=draw(st.booleans()))

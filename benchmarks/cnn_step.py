@@ -1,0 +1,174 @@
+"""A LeNet-5-sized CNN's train step (adam) in fundl vs plain JAX (lax.conv) and peers.
+
+    python -m benchmarks --suite cnn          # or: python benchmarks/cnn_step.py [--quick]
+
+LeNet-5 channels-last on MNIST-shaped batches (batch, 28, 28, 1), at batch 8 and 128:
+conv 5x5 (6, SAME) -> relu -> avg_pool 2x2 -> conv 5x5 (16, VALID) -> relu -> avg_pool
+2x2 -> flatten -> dense 120 -> relu -> dense 84 -> relu -> dense 10. The step (forward,
+softmax cross-entropy, grad, optax adam update; params and optimizer state donated) is
+written in fundl, by hand in plain JAX (``lax.conv_general_dilated`` and
+``lax.reduce_window``), in stax, and in Flax linen when installed. Every implementation
+starts from the same weights and their first losses are compared before timing. Target:
+fundl / plain JAX <= 1.02 at both sizes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+import fundl as fl
+from benchmarks.harness import CaseResult, measure
+from benchmarks.mlp_step import _ce, chained, make_step
+
+CONV_SHAPES = [(5, 5, 1, 6), (5, 5, 6, 16)]
+DENSE_SHAPES = [(400, 120), (120, 84), (84, 10)]
+
+
+def _plain_conv(x, w, b, padding):
+    y = lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + b
+
+
+def _plain_avg_pool(x):
+    return lax.reduce_window(x, 0.0, lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4.0
+
+
+def implementations(convs, denses) -> tuple[dict[str, tuple[Callable, object]], list[str]]:
+    """``{name: (step, params)}`` for every implementation available, and skip notes.
+
+    Args:
+        convs: ``[(w, b), (w, b)]`` shared initial conv weights (HWIO kernels).
+        denses: ``[(w, b)] * 3`` shared initial dense weights.
+    """
+    notes = []
+    impls = {}
+    opt = optax.adam(1e-3)
+
+    def plain_loss(params, x, y):
+        (w1, b1), (w2, b2), *dense = params
+        h = _plain_avg_pool(jax.nn.relu(_plain_conv(x, w1, b1, "SAME")))
+        h = _plain_avg_pool(jax.nn.relu(_plain_conv(h, w2, b2, "VALID")))
+        h = h.reshape(h.shape[0], -1)
+        for w, b in dense[:-1]:
+            h = jax.nn.relu(h @ w + b)
+        w, b = dense[-1]
+        return _ce(h @ w + b, y)
+
+    impls["plain JAX"] = (make_step(plain_loss, opt), [*convs, *denses])
+
+    model = fl.serial(
+        fl.conv(6, (5, 5)), jax.nn.relu, fl.avg_pool((2, 2)),
+        fl.conv(16, (5, 5), padding="VALID"), jax.nn.relu, fl.avg_pool((2, 2)),
+        fl.flatten(),
+        fl.dense(120), jax.nn.relu,
+        fl.dense(84), jax.nn.relu,
+        fl.dense(10),
+    )  # fmt: skip
+    _, state = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    wb = [{"w": w, "b": b} for w, b in [*convs, *denses]]
+    fundl_params = (wb[0], (), (), wb[1], (), (), (), wb[2], (), wb[3], (), wb[4])
+
+    def fundl_loss(params, x, y):
+        return _ce(model.apply(params, state, x)[0], y)
+
+    impls["fundl"] = (make_step(fundl_loss, opt), fundl_params)
+
+    from jax.example_libraries import stax
+
+    _, stax_apply = stax.serial(
+        stax.Conv(6, (5, 5), padding="SAME"), stax.Relu, stax.AvgPool((2, 2), (2, 2)),
+        stax.Conv(16, (5, 5), padding="VALID"), stax.Relu, stax.AvgPool((2, 2), (2, 2)),
+        stax.Flatten,
+        stax.Dense(120), stax.Relu,
+        stax.Dense(84), stax.Relu,
+        stax.Dense(10),
+    )  # fmt: skip
+    c, d = [tuple(p) for p in convs], [tuple(p) for p in denses]
+    stax_params = [c[0], (), (), c[1], (), (), (), d[0], (), d[1], (), d[2]]
+    impls["stax"] = (make_step(lambda p, x, y: _ce(stax_apply(p, x), y), opt), stax_params)
+
+    try:
+        import flax.linen as nn
+
+        class LeNet(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                x = nn.avg_pool(nn.relu(nn.Conv(6, (5, 5), padding="SAME")(x)), (2, 2), (2, 2))
+                x = nn.avg_pool(nn.relu(nn.Conv(16, (5, 5), padding="VALID")(x)), (2, 2), (2, 2))
+                x = x.reshape(x.shape[0], -1)
+                x = nn.relu(nn.Dense(120)(x))
+                x = nn.relu(nn.Dense(84)(x))
+                return nn.Dense(10)(x)
+
+        linen = LeNet()
+        lp = {"params": {f"Conv_{i}": {"kernel": w, "bias": b} for i, (w, b) in enumerate(convs)}}
+        lp["params"].update(
+            {f"Dense_{i}": {"kernel": w, "bias": b} for i, (w, b) in enumerate(denses)}
+        )
+        impls["flax linen"] = (make_step(lambda p, x, y: _ce(linen.apply(p, x), y), opt), lp)
+    except ImportError:
+        notes.append("flax not installed: flax linen skipped (pip install flax)")
+    return impls, notes
+
+
+def run(quick: bool = False, batches: tuple[int, ...] = (8, 128)) -> list[CaseResult]:
+    """Runs the CNN cases; ``quick`` uses few rounds and steps (a smoke run, not a measure)."""
+    rng = np.random.default_rng(0)
+    init = jax.nn.initializers.glorot_uniform()
+    keys = jax.random.split(jax.random.key(0), 5)
+    opt = optax.adam(1e-3)
+    results = []
+    for batch in batches:
+        x = jnp.asarray(rng.standard_normal((batch, 28, 28, 1)), jnp.float32)
+        y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+        convs = [(init(k, s), jnp.zeros(s[-1])) for k, s in zip(keys[:2], CONV_SHAPES, strict=True)]
+        denses = [
+            (init(k, s), jnp.zeros(s[1])) for k, s in zip(keys[2:], DENSE_SHAPES, strict=True)
+        ]
+        impls, notes = implementations(convs, denses)
+        steps = 2 if quick else 10
+        runs, first_losses, compile_s = {}, {}, {}
+        for name, (step, params) in impls.items():
+            params = jax.tree_util.tree_map(jnp.array, params)  # own copy: steps donate it
+            carry = (params, opt.init(params), jnp.zeros(()))
+            t0 = time.perf_counter()
+            carry = jax.block_until_ready(step(*carry, x, y))
+            compile_s[name] = time.perf_counter() - t0
+            first_losses[name] = float(carry[2])
+            runs[name] = chained(step, carry, x, y, steps)
+        base = first_losses["plain JAX"]
+        for name, loss in first_losses.items():
+            if not np.isclose(loss, base, rtol=1e-4):
+                raise RuntimeError(f"{name} computes a different loss: {loss} vs plain {base}")
+        res = measure(f"lenet train step, batch {batch}", runs, rounds=3 if quick else 30,
+                      unit=f"{steps} steps")  # fmt: skip
+        for t in res.timings:
+            t.compile_s = compile_s[t.name]  # the first call: trace, compile and one step
+        res.notes.extend(notes)
+        results.append(res)
+    return results
+
+
+def main(quick: bool = False) -> list[CaseResult]:
+    """Runs the benchmark and prints its table; returns the results."""
+    from benchmarks.harness import environment, format_table
+
+    print(", ".join(f"{k}={v}" for k, v in environment().items()))
+    results = run(quick)
+    print(format_table(results))
+    return results
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="LeNet train-step benchmark")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few, short rounds")
+    main(parser.parse_args().quick)

@@ -1,0 +1,331 @@
+"""Convolutions in 1-D, 2-D and 3-D, channels-last: ``conv`` and ``conv_transpose``.
+
+Both are one call to ``jax.lax.conv_general_dilated``; the layers add shape checks that
+explain themselves, the padding modes and the params.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.nn import initializers
+
+from fundl import _windows as win
+from fundl.core import Layer, check_floating, default_float_dtype, named
+
+__all__ = ["conv", "conv_transpose"]
+
+Initializer = Callable[..., jax.Array]
+
+default_w_init: Initializer = initializers.glorot_uniform()
+"""Glorot (Xavier) uniform over the receptive field, as Keras's ``Conv2D``."""
+
+
+def _build(
+    kind: str,
+    out_features: int,
+    kernel_size: int | Sequence[int],
+    strides: int | Sequence[int],
+    padding: win.PaddingLike,
+    dilation: int | Sequence[int],
+    groups: int,
+) -> tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...], object]:
+    """Validates the constructor arguments; returns (name, kernel, strides, dilation, padding)."""
+    name = win.describe(
+        f"{kind}({out_features!r}, {kernel_size!r}",
+        strides=None if strides == 1 else strides,
+        padding=None if padding == "SAME" else padding,
+        dilation=None if dilation == 1 else dilation,
+        groups=None if groups == 1 else groups,
+    )
+    if not isinstance(out_features, int) or out_features < 1:
+        raise ValueError(f"{name}: out_features must be a positive int, got {out_features!r}.")
+    kernel = win.window_shape(name, "kernel_size", kernel_size)
+    n = len(kernel)
+    strides_ = win.per_axis(name, "strides", strides, n)
+    dilation_ = win.per_axis(name, "dilation", dilation, n)
+    padding_ = win.check_padding(name, padding, n)
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{name}: groups must be a positive int, got {groups!r}.")
+    if out_features % groups:
+        raise ValueError(
+            f"{name}: out_features={out_features} is not divisible by groups={groups}; each "
+            f"group needs the same number of output features. Use a multiple of {groups}."
+        )
+    return name, kernel, strides_, dilation_, padding_
+
+
+def _check_input(name: str, x, n: int, groups: int) -> None:
+    win.check_rank(name, x, n)
+    check_floating(name, x)
+    channels = x.shape[-1]
+    if channels % groups:
+        raise ValueError(
+            f"{name}: the input has {channels} features (channels), not divisible by "
+            f"groups={groups}. Each group convolves channels / groups of them: use a groups "
+            f"value that divides {channels} (groups={channels} is depthwise)."
+        )
+
+
+def _init_params(key, x, kernel, groups, out_features, use_bias, w_init, b_init, param_dtype):
+    pdtype = param_dtype or default_float_dtype()
+    wkey, bkey = jax.random.split(key)
+    params = {"w": w_init(wkey, (*kernel, x.shape[-1] // groups, out_features), pdtype)}
+    if use_bias:
+        params["b"] = b_init(bkey, (out_features,), pdtype)
+    return params
+
+
+def _check_params(name: str, params, x, groups: int) -> None:
+    expected = x.shape[-1] // groups
+    got = params["w"].shape[-2]
+    if got != expected:
+        raise ValueError(
+            f"{name}: the input has {x.shape[-1]} features, so w needs {expected} input "
+            f"features per group, but w has shape {params['w'].shape} ({got}). Feed inputs "
+            f"with {got * groups} features or re-init the params on this input."
+        )
+
+
+def conv(
+    out_features: int,
+    kernel_size: int | Sequence[int],
+    strides: int | Sequence[int] = 1,
+    padding: win.PaddingLike = "SAME",
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    *,
+    use_bias: bool = True,
+    w_init: Initializer = default_w_init,
+    b_init: Initializer = initializers.zeros,
+    dtype: jnp.dtype | None = None,
+    param_dtype: jnp.dtype | None = None,
+) -> Layer:
+    r"""A convolution over 1, 2 or 3 spatial axes, channels-last.
+
+    Like every deep-learning library, it computes a cross-correlation (no kernel flip). The
+    number of spatial axes is ``len(kernel_size)``; an int ``kernel_size`` means 1-D
+    (as Flax's ``Conv``), so images need ``(3, 3)``, not ``3``. For a 2-D kernel and input
+    ``x`` of shape ``(batch, height, width, in_features)``:
+
+    .. math::
+
+        y[b, i, j, o] = \sum_{u, v, c} x_{pad}[b,\ i s_0 + u d_0,\ j s_1 + v d_1,\ c]\,
+        w[u, v, c, o] + b[o]
+
+    with strides :math:`s`, dilation :math:`d`, and ``c`` running over the ``in_features /
+    groups`` channels of the group of output ``o``.
+
+    Params: ``{"w": (*kernel_size, in_features // groups, out_features), "b":
+    (out_features,)}`` (no ``"b"`` when ``use_bias=False``).
+
+    Output size along a spatial axis of size ``n`` (``k`` the dilated kernel
+    ``d * (size - 1) + 1``, ``s`` the stride): "SAME" ``ceil(n / s)`` (zeros added, the
+    extra one on the high side); "VALID" ``floor((n - k) / s) + 1`` (no padding; the input
+    must be at least ``k`` long); "CAUSAL" (1-D only) ``ceil(n / s)``, padding ``k - 1``
+    zeros before the sequence only, so output ``t`` sees no input after ``t``; explicit
+    pairs ``((lo, hi), ...)`` or an int ``p`` (``(p, p)`` everywhere)
+    ``floor((n + lo + hi - k) / s) + 1``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, fundl as fl
+        >>> layer = fl.conv(8, (3, 3), strides=2)
+        >>> params, state = layer.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+        >>> jax.tree_util.tree_map(jnp.shape, params)
+        {'b': (8,), 'w': (3, 3, 1, 8)}
+        >>> layer.apply(params, state, jnp.ones((4, 28, 28, 1)))[0].shape
+        (4, 14, 14, 8)
+
+    Args:
+        out_features: the number of output channels; a multiple of ``groups``.
+        kernel_size: the window, one int per spatial axis (an int is 1-D).
+        strides: the step of the window, an int for every axis or one per axis.
+        padding: "SAME", "VALID", "CAUSAL" (1-D), an int, or one ``(lo, hi)`` pair per
+            spatial axis.
+        dilation: the kernel dilation (atrous convolution), an int or one per axis.
+        groups: split the input channels into ``groups`` groups convolved separately
+            (``groups == in_features`` is a depthwise convolution); must divide
+            ``in_features`` and ``out_features``.
+        use_bias: add the bias ``b``.
+        w_init: initializer for ``w`` (default glorot uniform, as Keras; the fan-in is
+            ``prod(kernel_size) * in_features / groups``).
+        b_init: initializer for ``b`` (default zeros).
+        dtype: the compute dtype; inputs and params are cast to it. ``None`` computes in the
+            input's dtype.
+        param_dtype: the storage dtype of the params; ``None`` means float32, or float64
+            when ``jax_enable_x64`` is on.
+
+    Returns:
+        A :class:`~fundl.Layer` mapping ``(batch, *spatial, in_features)`` to ``(batch,
+        *out_spatial, out_features)``.
+    """
+    name, kernel, strides_, dilation_, padding_ = _build(
+        "conv", out_features, kernel_size, strides, padding, dilation, groups
+    )
+    n = len(kernel)
+    spans = win.dilated(kernel, dilation_)
+    dims = win.dimension_numbers(n)
+
+    def pads_for(x):
+        _check_input(name, x, n, groups)
+        sizes = tuple(x.shape[1:-1])
+        pads = win.forward_pads(padding_, sizes, spans, strides_)
+        win.check_fits(name, sizes, kernel, dilation_, pads, padding)
+        return pads
+
+    def init(key, x):
+        pads_for(x)
+        params = _init_params(
+            key, x, kernel, groups, out_features, use_bias, w_init, b_init, param_dtype
+        )
+        return params, ()
+
+    def apply(params, state, x, key=None, train=False):
+        del key, train
+        pads = pads_for(x)
+        _check_params(name, params, x, groups)
+        cdtype = dtype or x.dtype
+        y = lax.conv_general_dilated(
+            x.astype(cdtype),
+            params["w"].astype(cdtype),
+            window_strides=strides_,
+            padding=pads,
+            rhs_dilation=dilation_,
+            dimension_numbers=dims,
+            feature_group_count=groups,
+        )
+        if use_bias:
+            y = y + params["b"].astype(cdtype).reshape((1,) * (n + 1) + (out_features,))
+        return y, state
+
+    return named(Layer(init, apply), name)
+
+
+def conv_transpose(
+    out_features: int,
+    kernel_size: int | Sequence[int],
+    strides: int | Sequence[int] = 1,
+    padding: win.PaddingLike = "SAME",
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    *,
+    use_bias: bool = True,
+    w_init: Initializer = default_w_init,
+    b_init: Initializer = initializers.zeros,
+    dtype: jnp.dtype | None = None,
+    param_dtype: jnp.dtype | None = None,
+) -> Layer:
+    r"""A transposed convolution ("deconvolution"): upsamples by ``strides``, for decoders.
+
+    Each input position scatters a copy of the kernel, scaled by its value, into the output
+    (the definition of PyTorch's ``ConvTranspose`` and TensorFlow's ``conv2d_transpose``):
+    in 1-D, with stride ``s``, dilation ``d`` and low padding ``p``,
+
+    .. math::
+
+        y[b, i s + u d - p, o] \mathrel{+}= \sum_c x[b, i, c]\, w[u, c, o], \qquad
+        y \mathrel{+}= b[o]
+
+    so it is the transpose (the gradient with respect to its input) of :func:`conv` with
+    the same strides, dilation and padding, and maps that conv's output shape back to its
+    input shape. Implemented as a stride-1 ``lax.conv_general_dilated`` of the input
+    dilated by ``strides`` with the spatially flipped kernel.
+
+    Params: ``{"w": (*kernel_size, in_features // groups, out_features), "b":
+    (out_features,)}``.
+
+    Output size along a spatial axis of size ``n`` (``k = d * (size - 1) + 1``): "SAME" and
+    "CAUSAL" (1-D; output ``t`` sees no input after position ``t // s``) ``n * s``; "VALID"
+    ``(n - 1) * s + k``; explicit pairs ``(lo, hi)`` (the padding of the conv it
+    transposes: that much is cropped from each end) ``(n - 1) * s + k - lo - hi``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, fundl as fl
+        >>> layer = fl.conv_transpose(3, (4, 4), strides=2)
+        >>> params, state = layer.init(jax.random.key(0), jnp.zeros((1, 7, 7, 16)))
+        >>> layer.apply(params, state, jnp.ones((2, 7, 7, 16)))[0].shape
+        (2, 14, 14, 3)
+
+    Args:
+        out_features: the number of output channels; a multiple of ``groups``.
+        kernel_size: the window, one int per spatial axis (an int is 1-D).
+        strides: the upsampling factor, an int for every axis or one per axis.
+        padding: "SAME", "VALID", "CAUSAL" (1-D), an int, or one ``(lo, hi)`` pair per axis.
+        dilation: the kernel dilation, an int or one per axis.
+        groups: as in :func:`conv`; must divide ``in_features`` and ``out_features``.
+        use_bias: add the bias ``b``.
+        w_init: initializer for ``w`` (default glorot uniform).
+        b_init: initializer for ``b`` (default zeros).
+        dtype: the compute dtype (``None``: the input's).
+        param_dtype: the storage dtype of the params (``None``: float32, or float64 under
+            ``jax_enable_x64``).
+
+    Returns:
+        A :class:`~fundl.Layer` mapping ``(batch, *spatial, in_features)`` to ``(batch,
+        *out_spatial, out_features)``.
+    """
+    name, kernel, strides_, dilation_, padding_ = _build(
+        "conv_transpose", out_features, kernel_size, strides, padding, dilation, groups
+    )
+    n = len(kernel)
+    spans = win.dilated(kernel, dilation_)
+    dims = win.dimension_numbers(n)
+
+    def crops():
+        """The (lo, hi) padding of the conv being transposed, per axis."""
+        if padding_ == "VALID":
+            return ((0, 0),) * n
+        if isinstance(padding_, tuple):
+            return padding_
+        pads = []
+        for k, s in zip(spans, strides_, strict=True):
+            total = k - s  # output n * s; negative when the kernel is shorter than the stride
+            lo = 0 if padding_ == "CAUSAL" else max(total, 0) // 2
+            pads.append((lo, total - lo))
+        return tuple(pads)
+
+    def pads_for(x):
+        _check_input(name, x, n, groups)
+        sizes = tuple(x.shape[1:-1])
+        cropped = crops()
+        for axis, (size, k, s, (lo, hi)) in enumerate(
+            zip(sizes, spans, strides_, cropped, strict=True)
+        ):
+            if (size - 1) * s + k - lo - hi < 1:
+                raise ValueError(
+                    f"{name}: padding {padding!r} crops {lo + hi} from spatial axis {axis}, "
+                    f"whose full output is only {(size - 1) * s + k} long. Use less padding."
+                )
+        return tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(spans, cropped, strict=True))
+
+    def init(key, x):
+        pads_for(x)
+        params = _init_params(
+            key, x, kernel, groups, out_features, use_bias, w_init, b_init, param_dtype
+        )
+        return params, ()
+
+    def apply(params, state, x, key=None, train=False):
+        del key, train
+        pads = pads_for(x)
+        _check_params(name, params, x, groups)
+        cdtype = dtype or x.dtype
+        w = jnp.flip(params["w"].astype(cdtype), axis=tuple(range(n)))
+        y = lax.conv_general_dilated(
+            x.astype(cdtype),
+            w,
+            window_strides=(1,) * n,
+            padding=pads,
+            lhs_dilation=strides_,
+            rhs_dilation=dilation_,
+            dimension_numbers=dims,
+            feature_group_count=groups,
+        )
+        if use_bias:
+            y = y + params["b"].astype(cdtype).reshape((1,) * (n + 1) + (out_features,))
+        return y, state
+
+    return named(Layer(init, apply), name)

@@ -1,0 +1,104 @@
+"""fundl.testing.check_layer catches each kind of broken layer (so its passes mean something)."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+
+import fundl as fl
+from fundl.core import Layer
+from fundl.testing import check_layer, count_compiles
+from fundl.testing import strategies as fst
+
+X = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+
+
+def stateless(apply_fn, init_fn=None):
+    def init(key, x):
+        return (init_fn(key, x) if init_fn else ()), ()
+
+    def apply(params, state, x, key=None, train=False):
+        return apply_fn(params, x), state
+
+    return Layer(init, apply)
+
+
+def test_a_correct_layer_passes():
+    out, state = check_layer(fl.dense(5), X, output_shapes=(3, 5))
+    assert out.dtype == jnp.float64
+    assert state == ()
+
+
+def test_wrong_gradient_is_caught():
+    @jax.custom_jvp
+    def bad_square(x):
+        return x**2
+
+    @bad_square.defjvp
+    def _(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return x**2, 3.0 * x * t  # the derivative of x**2 is 2x
+
+    with pytest.raises(AssertionError):
+        check_layer(stateless(lambda p, x: bad_square(x)), X)
+
+
+def test_impure_layer_is_caught():
+    counter = itertools.count()
+
+    def apply(p, x):
+        return x + float(next(counter))  # a hidden Python side effect
+
+    with pytest.raises(AssertionError, match=r"jit vs eager|same key, second call"):
+        check_layer(stateless(apply), X, grads=False)
+
+
+def test_wrong_documented_shape_is_caught():
+    with pytest.raises(AssertionError, match=r"output shapes \(3, 5\), documented \(3, 4\)"):
+        check_layer(fl.dense(5), X, output_shapes=(3, 4))
+
+
+def test_bad_batching_rule_is_caught():
+    @jax.custom_batching.custom_vmap
+    def f(x):
+        return 2 * x
+
+    @f.def_vmap
+    def _(axis_size, in_batched, x):
+        return 3 * x, in_batched[0]  # disagrees with the unbatched rule
+
+    with pytest.raises(AssertionError, match=r"vmap vs loop"):
+        check_layer(stateless(lambda p, x: f(x)), X, grads=False)
+
+
+def test_init_that_branches_on_values_is_caught():
+    """init may read shapes only: one that branches on input values fails eval_shape."""
+
+    def branching_init(key, x):
+        return {"w": jnp.ones((x.shape[-1], 2 if float(jnp.sum(x)) > 0 else 3))}
+
+    layer = stateless(lambda p, x: x @ p["w"], branching_init)
+    with pytest.raises(jax.errors.ConcretizationTypeError):
+        check_layer(layer, X, grads=False)
+
+
+def test_count_compiles_sees_a_recompile():
+    f = jax.jit(lambda x: x + 1)
+    a, b = jnp.ones(3), jnp.ones(4)
+    f(a)
+    with count_compiles() as compiles:
+        f(a)
+        f(b)  # new shape: one compilation
+    assert len(compiles) == 1
+
+
+@given(fst.float_dtypes(), fst.dense_cases())
+def test_dense_computes_in_the_input_dtype(dtype, case):
+    x = case.inputs[0].astype(dtype)
+    params, state = case.layer.init(jax.random.key(0), x)
+    y, _ = case.layer.apply(params, state, x)
+    assert y.dtype == dtype
+    assert y.shape == case.output_shapes
