@@ -213,7 +213,7 @@ def decoder_block(
     ``apply(params, state, x, mask=None, *, key=None, train=False)``; an optional ``mask``
     (e.g. key padding) is combined with the causal mask. With ``decode=True`` the attention
     keeps a KV cache in the state (see :func:`fundl.init_cache`): feed a prompt, then one
-    position per call. Arguments as :func:`encoder_block`.
+    position per call.
 
     Example:
         >>> import jax, jax.numpy as jnp, fundl as fl
@@ -222,6 +222,21 @@ def decoder_block(
         >>> params, state = block.init(jax.random.key(0), x)
         >>> block.apply(params, state, x)[0].shape
         (2, 5, 16)
+
+    Args:
+        width: the model width (input and output features).
+        num_heads: attention heads; must divide ``width``.
+        hidden: the MLP's hidden size (default ``4 * width``).
+        num_kv_heads: key/value heads for grouped-query attention (default ``num_heads``).
+        dropout: dropout rate on each branch's output (0 adds no dropout layer).
+        attention_dropout: dropout rate on the attention weights.
+        rope_base: rotary position embeddings in attention with this base, if set.
+        decode: keep a KV cache in the attention's state, for incremental decoding.
+        norm: a constructor of the normalisation layer, called once per branch (default
+            ``fl.layer_norm``; e.g. ``fl.rms_norm``).
+        dropout_layer: a constructor ``rate -> Layer`` (default ``fl.dropout``).
+        dtype: the compute dtype of attention and MLP (e.g. ``jnp.bfloat16``).
+        param_dtype: the storage dtype of their params.
 
     Returns:
         A :class:`~fundl.Layer` mapping ``(batch, time, width)`` to the same shape.

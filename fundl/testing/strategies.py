@@ -270,6 +270,12 @@ def attention_masks(draw: st.DrawFn, batch: int, heads: int, q_len: int, kv_len:
 
     Layouts: key padding ``(batch, 1, kv_len)``, full ``(batch, q_len, kv_len)``, shared
     ``(q_len, kv_len)`` and per-head ``(batch, heads, q_len, kv_len)``.
+
+    Args:
+        batch: the batch size.
+        heads: the number of query heads.
+        q_len: the query length.
+        kv_len: the key/value length.
     """
     kind = draw(st.sampled_from(["none", "padding", "full", "shared", "per_head"]))
     shape = {
