@@ -8,7 +8,7 @@ positions, GELU MLP, layer norm), a final layer norm, and logits from the embedd
 params drive a ``decode=True`` copy of the model that samples one character at a time from a
 KV cache (``fl.init_cache``).
 
-    python examples/char_transformer.py [--minutes 9] [--steps 100000] [--width 128] ...
+    python examples/char_transformer.py [--minutes 9] [--steps 1200] [--width 96] ...
 
 Reports held-out bits per character (the cross-entropy in base 2).
 """
@@ -44,11 +44,11 @@ def make_model(vocab, width, heads, layers, dropout=0.0, decode=False):
 
 def main(
     minutes: float = 9.0,
-    steps: int = 100_000,
-    width: int = 128,
+    steps: int = 1200,
+    width: int = 96,
     heads: int = 4,
-    layers: int = 4,
-    context: int = 128,
+    layers: int = 3,
+    context: int = 64,
     batch_size: int = 32,
     lr: float = 3e-3,
     eval_every: int = 100,
@@ -69,7 +69,7 @@ def main(
     params, state = model.init(jax.random.key(seed), ids0)
     n_params = sum(p.size for p in jax.tree.leaves(params))
     print(f"model: {layers} blocks, width {width}, {heads} heads, {n_params:,} params")
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10 + 1), steps,
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10 + 1), steps,
                                                   lr / 10)  # fmt: skip
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, 0.1))
     opt_state = optimizer.init(params)
@@ -142,11 +142,11 @@ def main(
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=9.0, help="training time budget")
-    parser.add_argument("--steps", type=int, default=100_000, help="at most this many steps")
-    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=1200, help="at most this many steps")
+    parser.add_argument("--width", type=int, default=96)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--sample-chars", type=int, default=200)

@@ -120,7 +120,7 @@ def _choose(implementation, dtype, head_dim, has_mask_array, decode, dropout_act
         return "explicit"
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     cudnn_ok = head_dim % 8 == 0 and head_dim <= 128 and not has_mask_array and not decode
-    return "cudnn" if backend == "gpu" and half and cudnn_ok else "xla"
+    return "cudnn" if backend in ("gpu", "cuda") and half and cudnn_ok else "xla"
 
 
 def _explicit_attention(q, k, v, mask, is_causal, scale, drop_rate, drop_key):

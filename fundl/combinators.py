@@ -396,8 +396,8 @@ def repeat(layer: LayerLike, n: int, *, unroll: int = 1) -> Layer:
         >>> import jax, jax.numpy as jnp, fundl as fl
         >>> stack = fl.repeat(fl.serial(fl.dense(8), jnp.tanh), 3)
         >>> params, state = stack.init(jax.random.key(0), jnp.zeros((2, 8)))
-        >>> params[0]["w"].shape  # three (8, 8) weights, stacked
-        (3, 8, 8)
+        >>> jax.tree.map(jnp.shape, params)  # three (8, 8) weights, stacked
+        ({'b': (3, 8), 'w': (3, 8, 8)}, ())
         >>> y, state = stack.apply(params, state, jnp.ones((2, 8)))
         >>> y.shape
         (2, 8)

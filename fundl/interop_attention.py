@@ -37,8 +37,8 @@ def from_torch_multihead_attention(state_dict: Mapping[str, Any]) -> dict[str, d
         >>> sd = {"in_proj_weight": np.zeros((12, 4)), "in_proj_bias": np.zeros(12),
         ...       "out_proj.weight": np.zeros((4, 4)), "out_proj.bias": np.zeros(4)}
         >>> params = from_torch_multihead_attention(sd)
-        >>> params["query"]["w"].shape, params["out"]["w"].shape
-        ((4, 4), (4, 4))
+        >>> {name: p["w"].shape for name, p in params.items()}
+        {'query': (4, 4), 'key': (4, 4), 'value': (4, 4), 'out': (4, 4)}
 
     Args:
         state_dict: ``module.state_dict()``: ``in_proj_weight (3E, E)`` (or
