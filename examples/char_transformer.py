@@ -117,22 +117,32 @@ def main(
     print(f"held-out: {bits:.3f} bits/char after {step} steps, {train_s:.0f}s of training")
 
     # Sampling: the same params in a decode=True model, one character per call, KV cache.
+    # The model has only seen `context` positions: when the cache is full, start a new one
+    # from the last context // 2 characters (one prefill call), and go on.
     decoder = make_model(len(chars), width, heads, layers, decode=True)
-    prompt = "The import statement"
-    cache = fl.init_cache(decoder, batch=1, max_len=len(prompt) + sample_chars)
 
     @jax.jit
     def next_logits(params, cache, ids):
         h, cache = decoder.apply(params, cache, ids)
         return fl.attend(params["embed"], h[:, -1]), cache
 
-    logits, cache = next_logits(params, cache, jnp.array([[lookup[c] for c in prompt]]))
-    key, out = jax.random.key(seed + 1), []
+    def prefill(text):
+        cache = fl.init_cache(decoder, batch=1, max_len=context)
+        return next_logits(params, cache, jnp.array([[lookup[c] for c in text]]))
+
+    prompt = "The import statement"
+    logits, cache = prefill(prompt)
+    key, out, filled = jax.random.key(seed + 1), [], len(prompt)
     for _ in range(sample_chars):
         key, sub = jax.random.split(key)
         token = jax.random.categorical(sub, logits / 0.8)  # temperature 0.8
         out.append(chars[int(token[0])])
-        logits, cache = next_logits(params, cache, token[:, None].astype(jnp.int32))
+        if filled == context:
+            logits, cache = prefill((prompt + "".join(out))[-(context // 2) :])
+            filled = context // 2
+        else:
+            logits, cache = next_logits(params, cache, token[:, None].astype(jnp.int32))
+            filled += 1
     sample = prompt + "".join(out)
     print("sample:\n" + sample)
     return {"held_out_bits": bits, "train_losses": losses, "steps": step, "sample": sample,
