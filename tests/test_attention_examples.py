@@ -44,7 +44,7 @@ def test_attention_benchmark_quick_run():
     assert step.timings[0].ratio == 1.0 and all(t.median_s > 0 for t in step.timings)
     assert any(n.startswith("fundl / fastest") for n in step.notes)
     assert [t.name for t in compile_.timings] == [
-        "repeat(block, 1)", "repeat(block, 3)", "serial of 3 blocks (unrolled)"
+        "repeat(block, 1)", "repeat(block, 3)", "serial of 3 blocks (unrolled)", "repeat(block, 2)"
     ]  # fmt: skip
     assert compile_.notes[0].startswith("repeat(3) / repeat(1) = ")
 
