@@ -19,7 +19,7 @@ def center_norm() -> Layer:
 NORM = getattr(fl, "layer_norm", center_norm)
 
 
-def test_dropout(rate: float) -> Layer:
+def toy_dropout(rate: float) -> Layer:
     """A minimal inverted dropout for the blocks' dropout_layer argument."""
 
     def init(key, x):
@@ -29,14 +29,11 @@ def test_dropout(rate: float) -> Layer:
         if not train:
             return x, state
         if key is None:
-            raise ValueError("test_dropout: needs a key")
+            raise ValueError("toy_dropout: needs a key")
         keep = jax.random.bernoulli(key, 1 - rate, x.shape)
         return jnp.where(keep, x / (1 - rate), 0.0), state
 
-    return named(Layer(init, apply), f"test_dropout({rate})")
-
-
-test_dropout.__test__ = False  # not a test
+    return named(Layer(init, apply), f"toy_dropout({rate})")
 
 
 def noise() -> Layer:
@@ -135,7 +132,7 @@ def test_repeat_errors():
 
 def test_block_param_structure_and_dropout():
     block = fl.encoder_block(8, 2, hidden=16, dropout=0.5, norm=NORM,
-                             dropout_layer=test_dropout)  # fmt: skip
+                             dropout_layer=toy_dropout)  # fmt: skip
     x = rand((2, 3, 8))
     params, state = block.init(KEY, x)
     assert set(params) == {"attn", "mlp"}
@@ -203,3 +200,15 @@ def test_block_width_not_divisible_by_heads():
         "decoder_block(10, 4): the width 10 is not divisible by num_heads=4. Pick num_heads "
         "dividing 10."
     )
+
+
+def test_block_defaults_layer_norm_and_dropout():
+    block = fl.decoder_block(8, 2, dropout=0.1, attention_dropout=0.1)
+    x = rand((2, 3, 8))
+    params, state = block.init(KEY, x)
+    assert set(params["attn"]["norm"]) == set(params["mlp"]["norm"]) == {"scale", "bias"}
+    y_eval, _ = block.apply(params, state, x)
+    y_train, _ = block.apply(params, state, x, key=jax.random.key(1), train=True)
+    assert not np.allclose(y_eval, y_train)
+    with pytest.raises(ValueError, match=r"key"):
+        block.apply(params, state, x, train=True)
