@@ -2,7 +2,7 @@
 
     python benchmarks/gpt2.py                       # full size: for a machine with a GPU
     python benchmarks/gpt2.py --tiny                # a CPU-sized smoke run (the tests use it)
-    python benchmarks/gpt2.py --batch 16 --peak-tflops 989
+    python benchmarks/gpt2.py --batch 16 --peak-tflops 989 --attention xla
 
 The model: token embedding (vocab 50257, tied with the output head via ``fl.attend``),
 learned positions (context 1024), ``repeat(decoder_block(768, 12), 12)``, final layer norm;
@@ -37,12 +37,18 @@ FULL = {"vocab": 50257, "context": 1024, "width": 768, "heads": 12, "layers": 12
 TINY = {"vocab": 512, "context": 64, "width": 64, "heads": 4, "layers": 2, "batch": 2}
 
 
-def make_model(vocab, context, width, heads, layers, dtype=jnp.bfloat16):
+def make_model(vocab, context, width, heads, layers, dtype=jnp.bfloat16, implementation=None):
     return fl.serial(
         embed=fl.embedding(vocab, width, table_init=jax.nn.initializers.normal(0.02), dtype=dtype),
         pos=fl.learned_positions(context),
         blocks=fl.repeat(
-            fl.decoder_block(width, heads, dtype=dtype, norm=lambda: fl.layer_norm(dtype=dtype)),
+            fl.decoder_block(
+                width,
+                heads,
+                dtype=dtype,
+                implementation=implementation,
+                norm=lambda: fl.layer_norm(dtype=dtype),
+            ),
             layers,
         ),
         norm=fl.layer_norm(dtype=dtype),
@@ -61,8 +67,17 @@ def peak_tflops(device_kind: str) -> float | None:
     return None
 
 
-def run_benchmark(cfg: dict, steps: int, peak: float | None, seed: int = 0) -> dict:
-    model = make_model(cfg["vocab"], cfg["context"], cfg["width"], cfg["heads"], cfg["layers"])
+def run_benchmark(
+    cfg: dict, steps: int, peak: float | None, seed: int = 0, implementation: str | None = None
+) -> dict:
+    model = make_model(
+        cfg["vocab"],
+        cfg["context"],
+        cfg["width"],
+        cfg["heads"],
+        cfg["layers"],
+        implementation=implementation,
+    )
     batch, t = cfg["batch"], cfg["context"]
     ids = jax.random.randint(jax.random.key(seed), (batch, t + 1), 0, cfg["vocab"])
     x, y = ids[:, :-1], ids[:, 1:]
@@ -103,6 +118,7 @@ def run_benchmark(cfg: dict, steps: int, peak: float | None, seed: int = 0) -> d
         "model_tflops": achieved, "peak_tflops": peak,
         "mfu": achieved / peak if peak else None,
         "first_loss": first_loss, "last_loss": float(loss),
+        "attention": implementation or "auto",
     }  # fmt: skip
 
 
@@ -113,15 +129,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the chip's peak bf16 TFLOP/s (default: by device kind)")  # fmt: skip
+    parser.add_argument(
+        "--attention",
+        choices=["auto", "explicit", "xla", "cudnn"],
+        default="auto",
+        help="attention kernel (default: fundl's choice)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the result as JSON")
     args = parser.parse_args(argv)
     cfg = dict(TINY if args.tiny else FULL)
     if args.batch:
         cfg["batch"] = args.batch
     steps = args.steps or (2 if args.tiny else 20)
-    result = run_benchmark(cfg, steps, args.peak_tflops)
+    impl = None if args.attention == "auto" else args.attention
+    result = run_benchmark(cfg, steps, args.peak_tflops, implementation=impl)
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (no peak known)"
-    print(f"{result['device']} ({result['backend']}): {result['params']:,} params, batch "
+    print(f"{result['device']} ({result['backend']}, attention {result['attention']}): "
+          f"{result['params']:,} params, batch "
           f"{cfg['batch']} x {cfg['context']} tokens; step {1e3 * result['step_s']:.1f} ms, "
           f"{result['tokens_per_s']:,.0f} tokens/s, {result['model_tflops']:.2f} model TFLOP/s, "
           f"MFU {mfu}; compile {result['compile_s']:.1f}s; loss {result['first_loss']:.3f} -> "

@@ -113,6 +113,7 @@ def _block(
     dropout_layer: Callable[[float], Layer] | None,
     dtype: jnp.dtype | None,
     param_dtype: jnp.dtype | None,
+    implementation: str | None,
 ) -> Layer:
     if not isinstance(width, int) or width < 1:
         raise ValueError(f"{kind}(width, num_heads): width must be a positive int, got {width!r}.")
@@ -125,7 +126,8 @@ def _block(
     make_drop = dropout_layer or _default_dropout
     attn = multi_head_attention(
         num_heads, num_kv_heads=num_kv_heads, dropout=attention_dropout, is_causal=causal,
-        rope_base=rope_base, decode=decode, dtype=dtype, param_dtype=param_dtype,
+        rope_base=rope_base, decode=decode, implementation=implementation, dtype=dtype,
+        param_dtype=param_dtype,
     )  # fmt: skip
     drop = (lambda: make_drop(dropout)) if dropout > 0.0 else None
     mlp = {
@@ -156,6 +158,7 @@ def encoder_block(
     dropout_layer: Callable[[float], Layer] | None = None,
     dtype: jnp.dtype | None = None,
     param_dtype: jnp.dtype | None = None,
+    implementation: str | None = None,
 ) -> Layer:
     """A pre-norm transformer encoder block (BERT/ViT-style, bidirectional attention).
 
@@ -184,13 +187,15 @@ def encoder_block(
         dropout_layer: a constructor ``rate -> Layer`` (default ``fl.dropout``).
         dtype: the compute dtype of attention and MLP (e.g. ``jnp.bfloat16``).
         param_dtype: the storage dtype of their params.
+        implementation: the attention kernel (see :func:`fundl.multi_head_attention`);
+            ``None`` picks per backend and dtype.
 
     Returns:
         A :class:`~fundl.Layer` mapping ``(batch, time, width)`` to the same shape.
     """
     return _block("encoder_block", width, num_heads, hidden, num_kv_heads, dropout,
                   attention_dropout, False, rope_base, False, norm, dropout_layer, dtype,
-                  param_dtype)  # fmt: skip
+                  param_dtype, implementation)  # fmt: skip
 
 
 def decoder_block(
@@ -207,6 +212,7 @@ def decoder_block(
     dropout_layer: Callable[[float], Layer] | None = None,
     dtype: jnp.dtype | None = None,
     param_dtype: jnp.dtype | None = None,
+    implementation: str | None = None,
 ) -> Layer:
     """A pre-norm causal decoder block (GPT-style): position ``t`` sees positions ``<= t``.
 
@@ -237,10 +243,12 @@ def decoder_block(
         dropout_layer: a constructor ``rate -> Layer`` (default ``fl.dropout``).
         dtype: the compute dtype of attention and MLP (e.g. ``jnp.bfloat16``).
         param_dtype: the storage dtype of their params.
+        implementation: the attention kernel (see :func:`fundl.multi_head_attention`);
+            ``None`` picks per backend and dtype.
 
     Returns:
         A :class:`~fundl.Layer` mapping ``(batch, time, width)`` to the same shape.
     """
     return _block("decoder_block", width, num_heads, hidden, num_kv_heads, dropout,
                   attention_dropout, True, rope_base, decode, norm, dropout_layer, dtype,
-                  param_dtype)  # fmt: skip
+                  param_dtype, implementation)  # fmt: skip
