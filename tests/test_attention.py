@@ -346,3 +346,14 @@ def test_bad_constructor_arguments():
         fl.multi_head_attention(2, implementation="flash")
     with pytest.raises(ValueError, match=r"rope_base needs an even head_dim, got 3"):
         fl.multi_head_attention(2, rope_base=1e4).init(KEY, rand((1, 2, 6)))
+
+
+def test_input_width_differs_from_params():
+    layer = fl.multi_head_attention(2)
+    params, state = layer.init(KEY, rand((1, 3, 4)))
+    with pytest.raises(ValueError) as err:
+        layer.apply(params, state, rand((1, 3, 6)), rand((1, 3, 4)))
+    assert str(err.value) == (
+        "multi_head_attention(2): the query input has last dimension 6, params expect 4. "
+        "Feed inputs of that width or re-init the params."
+    )
