@@ -7,7 +7,8 @@ import importlib
 
 from benchmarks.harness import environment, format_table, plot, write_json
 
-SUITES = {"mlp": "benchmarks.mlp_step", "cnn": "benchmarks.cnn_step"}
+SUITES = {"mlp": "benchmarks.mlp_step", "cnn": "benchmarks.cnn_step",
+          "attention": "benchmarks.attention_step"}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

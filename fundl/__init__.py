@@ -18,6 +18,7 @@ from fundl.activations import (
     swish,
     tanh,
 )
+from fundl.attention import KVCache, init_cache, multi_head_attention
 from fundl.combinators import (
     as_layer,
     branch,
@@ -27,6 +28,7 @@ from fundl.combinators import (
     function,
     identity,
     parallel,
+    repeat,
     residual,
     serial,
     shared,
@@ -35,6 +37,14 @@ from fundl.conv import conv, conv_transpose
 from fundl.core import ApplyFn, InitFn, Layer, Params, State
 from fundl.dense import dense, flatten, reshape
 from fundl.dropout import dropout
+from fundl.embedding import (
+    attend,
+    embedding,
+    learned_positions,
+    rotary,
+    sinusoidal_positions,
+    sinusoidal_table,
+)
 from fundl.metrics import accuracy, masked_mean
 from fundl.norm import BatchNormState, batch_norm, group_norm, layer_norm, rms_norm
 from fundl.pooling import avg_pool, global_avg_pool, global_max_pool, max_pool
@@ -61,6 +71,7 @@ from fundl.train import (
     load_params,
     train_step,
 )
+from fundl.transformer import attention_residual, decoder_block, encoder_block
 
 __version__ = "0.1.0"
 
@@ -80,6 +91,7 @@ __all__ = [
     "fan_in_concat",
     "residual",
     "shared",
+    "repeat",
     "function",
     "identity",
     "as_layer",
@@ -120,6 +132,19 @@ __all__ = [
     "initial_carry",
     "rnn",
     "bidirectional",
+    # attention and transformers
+    "embedding",
+    "attend",
+    "sinusoidal_table",
+    "sinusoidal_positions",
+    "learned_positions",
+    "rotary",
+    "multi_head_attention",
+    "KVCache",
+    "init_cache",
+    "attention_residual",
+    "encoder_block",
+    "decoder_block",
     # training
     "TrainState",
     "init_train_state",

@@ -22,6 +22,7 @@ __all__ = [
     "branch",
     "residual",
     "shared",
+    "repeat",
     "identity",
 ]
 
@@ -377,3 +378,92 @@ def shared(layer: LayerLike, times: int) -> Layer:
 def identity() -> Layer:
     """The identity layer: returns its input unchanged."""
     return function(lambda x: x, name="identity")
+
+
+def repeat(layer: LayerLike, n: int, *, unroll: int = 1) -> Layer:
+    """``n`` copies of a layer, each with its own params, applied one after another by a scan.
+
+    The copies' params (and state) are stacked on a new leading axis of size ``n`` and the
+    stack runs under ``jax.lax.scan``, so XLA compiles the layer once: a 24-block transformer
+    compiles about as fast as a 1-block one (unlike ``serial(block, block, ...)``). The output
+    of each copy is the input of the next, so the layer must map its first input to the same
+    shape and dtype; further inputs (e.g. an attention mask) are passed unchanged to every
+    copy. ``init`` and ``apply`` split their key into one key per copy.
+
+    Block ``i``'s params are ``jax.tree.map(lambda p: p[i], params)``; to replace them,
+    ``jax.tree.map(lambda p, q: p.at[i].set(q), params, new_block_params)``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, fundl as fl
+        >>> stack = fl.repeat(fl.serial(fl.dense(8), jnp.tanh), 3)
+        >>> params, state = stack.init(jax.random.key(0), jnp.zeros((2, 8)))
+        >>> jax.tree.map(jnp.shape, params)  # three (8, 8) weights, stacked
+        ({'b': (3, 8), 'w': (3, 8, 8)}, ())
+        >>> y, state = stack.apply(params, state, jnp.ones((2, 8)))
+        >>> y.shape
+        (2, 8)
+
+    Args:
+        layer: the layer (or function) to copy.
+        n: the number of copies, at least 1.
+        unroll: passed to ``jax.lax.scan``: copies per loop iteration (more can run faster
+            and compiles slower).
+
+    Returns:
+        A :class:`~fundl.Layer` whose params and state are the layer's, with a leading axis
+        of size ``n`` on every leaf.
+    """
+    child = as_layer(layer)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"repeat(layer, n): n must be a positive int, got {n!r}.")
+    label = f"repeat({layer_name(child)}, {n})"
+
+    def check_carry(x, y):
+        xs, ys = _shape_of(x), _shape_of(y)
+        if jax.tree_util.tree_structure(xs) != jax.tree_util.tree_structure(ys) or any(
+            (a.shape, a.dtype) != (b.shape, b.dtype)
+            for a, b in zip(
+                jax.tree_util.tree_leaves(xs), jax.tree_util.tree_leaves(ys), strict=True
+            )
+        ):
+            raise ValueError(
+                f"{label}: the layer maps {_describe(xs)} to {_describe(ys)}; repeat feeds each "
+                f"copy's output to the next, so they must match. Make the layer keep its "
+                f"input's shape and dtype."
+            )
+
+    def init(key, x, *rest):
+        keys = jax.random.split(key, n)
+        params, state = _call("repeat", jax.vmap(lambda k: child.init(k, x, *rest)), keys)
+        first = jax.tree_util.tree_map(lambda a: a[0], (params, state))
+        y, _ = _call("repeat", jax.eval_shape,
+                     partial(child.apply, key=keys[0]), *first, x, *rest)  # fmt: skip
+        check_carry(x, y)
+        return params, state
+
+    def apply(params, state, x, *rest, key=None, train=False):
+        for leaf in jax.tree_util.tree_leaves((params, state)):
+            if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != n:
+                raise ValueError(
+                    f"{label}: params and state need a leading axis of size {n} (one entry "
+                    f"per copy), found a leaf of shape {jnp.shape(leaf)}. Build them with "
+                    f"this layer's init."
+                )
+        keys = None if key is None else jax.random.split(key, n)
+
+        def body(h, xs):
+            p, s, k = xs
+            y, s = _call("repeat", child.apply, p, s, h, *rest, key=k, train=train)
+            check_carry(h, y)
+            return y, s
+
+        return jax.lax.scan(body, x, (params, state, keys), unroll=unroll)
+
+    return named(Layer(init, apply), label, (("repeat", child),))
+
+
+def _describe(specs: Any) -> str:
+    leaves = jax.tree_util.tree_leaves(specs)
+    if len(leaves) == 1:
+        return f"shape {tuple(leaves[0].shape)} {leaves[0].dtype}"
+    return str([(tuple(a.shape), str(a.dtype)) for a in leaves])

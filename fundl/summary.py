@@ -37,15 +37,12 @@ def _flops(layer: Layer, params: Any, state: Any, inputs: tuple[Any, ...]) -> fl
 def _rows(layer: Layer, params, state, inputs, label: str, depth: int, rows: list) -> Any:
     """Appends rows for ``layer`` (expanding ``serial``) and returns its output shapes."""
     if layer_name(layer) == "serial":
-        pairs = zip(
-            layer.children,
-            params.values() if isinstance(params, dict) else params,
-            state.values() if isinstance(state, dict) else state,
-            strict=True,
-        )
         rows.append((depth, label or "serial", "", _count(params), None))
-        for (segment, child), p, s in pairs:
-            sub = segment.removeprefix("serial")
+        for i, (segment, child) in enumerate(layer.children):
+            sub = segment.removeprefix("serial")  # "[2]" or "[head]"
+            # keyword children are looked up by name: eval_shape returns dicts key-sorted
+            index = sub[1:-1] if isinstance(params, dict) else i
+            p, s = params[index], state[index]
             out = _rows(child, p, s, inputs, f"{sub} {layer_name(child)}", depth + 1, rows)
             inputs = (out,)
         return inputs[0]

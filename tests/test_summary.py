@@ -31,3 +31,13 @@ def test_summary_nested_and_multi_output():
     assert "  [head] serial" in text
     assert "    [0] dense(4)" in text
     assert "[(1, 2), (1, 3)]" in text
+
+
+def test_summary_keyword_children_out_of_alphabetical_order():
+    """Params of keyword children come back key-sorted from eval_shape; rows must not mix up."""
+    model = fl.serial(zeta=fl.dense(3), alpha=fl.dense(7))
+    text = fl.summary(model, jnp.zeros((1, 5)), file=io.StringIO())
+    zeta = next(line for line in text.splitlines() if "[zeta] dense(3)" in line).split()
+    alpha = next(line for line in text.splitlines() if "[alpha] dense(7)" in line).split()
+    assert zeta[2:5] == ["(1,", "3)", f"{5 * 3 + 3}"]
+    assert alpha[2:5] == ["(1,", "7)", f"{3 * 7 + 7}"]

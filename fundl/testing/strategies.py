@@ -45,6 +45,14 @@ __all__ = [
     "branch_cases",
     "residual_cases",
     "shared_cases",
+    "embedding_cases",
+    "sinusoidal_positions_cases",
+    "learned_positions_cases",
+    "attention_masks",
+    "multi_head_attention_cases",
+    "encoder_block_cases",
+    "decoder_block_cases",
+    "repeat_cases",
     "conv_cases",
     "conv_transpose_cases",
     "pool_cases",
@@ -231,6 +239,149 @@ def shared_cases(draw: st.DrawFn) -> LayerCase:
     batch, width, times = draw(batch_sizes()), draw(feature_sizes()), draw(st.integers(1, 3))
     layer = fl.shared(fl.serial(fl.dense(width), jax.nn.tanh), times)
     return LayerCase(layer, (draw(normal_arrays((batch, width))),), (batch, width))
+
+
+# --- attention and transformers -------------------------------------------------------------
+
+
+@st.composite
+def embedding_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.embedding`` on integer ids of shape ``(batch,)`` or ``(batch, time)``."""
+    vocab, features, lead = draw(st.integers(1, 10)), draw(feature_sizes()), draw(_leading())
+    ids = draw(st.integers(0, 2**32 - 1).map(
+        lambda s: np.random.default_rng(s).integers(0, vocab, lead).astype(np.int32)))  # fmt: skip
+    return LayerCase(fl.embedding(vocab, features), (ids,), (*lead, features))
+
+
+def _sequences(draw: st.DrawFn, max_time: int = 4) -> tuple[int, int, int]:
+    return draw(batch_sizes(3)), draw(st.integers(1, max_time)), draw(feature_sizes(6))
+
+
+@st.composite
+def sinusoidal_positions_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.sinusoidal_positions`` on ``(batch, time, features)``."""
+    shape = _sequences(draw)
+    return LayerCase(fl.sinusoidal_positions(), (draw(normal_arrays(shape)),), shape)
+
+
+@st.composite
+def learned_positions_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.learned_positions(max_len)`` on ``(batch, time, features)``, time <= max_len."""
+    shape = _sequences(draw)
+    max_len = draw(st.integers(shape[1], 6))
+    return LayerCase(fl.learned_positions(max_len), (draw(normal_arrays(shape)),), shape)
+
+
+@st.composite
+def attention_masks(draw: st.DrawFn, batch: int, heads: int, q_len: int, kv_len: int) -> Any:
+    """``None`` or a boolean mask of one of the accepted layouts, some rows fully masked.
+
+    Layouts: key padding ``(batch, 1, kv_len)``, full ``(batch, q_len, kv_len)``, shared
+    ``(q_len, kv_len)`` and per-head ``(batch, heads, q_len, kv_len)``.
+
+    Args:
+        batch: the batch size.
+        heads: the number of query heads.
+        q_len: the query length.
+        kv_len: the key/value length.
+    """
+    kind = draw(st.sampled_from(["none", "padding", "full", "shared", "per_head"]))
+    shape = {
+        "none": None,
+        "padding": (batch, 1, kv_len),
+        "full": (batch, q_len, kv_len),
+        "shared": (q_len, kv_len),
+        "per_head": (batch, heads, q_len, kv_len),
+    }[kind]
+    if shape is None:
+        return None
+    p_keep = draw(st.sampled_from([0.5, 0.8, 1.0]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return np.random.default_rng(seed).random(shape) < p_keep
+
+
+@st.composite
+def multi_head_attention_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.multi_head_attention`` over drawn heads, head dims, kv heads, lengths and masks.
+
+    Self- or cross-attention; grouped-query heads; causal or not; RoPE (self-attention, even
+    head dims); every mask layout of :func:`attention_masks`.
+    """
+    kv_heads = draw(st.integers(1, 2))
+    heads = kv_heads * draw(st.integers(1, 2))
+    head_dim = draw(st.integers(1, 3))
+    batch, q_len = draw(batch_sizes(2)), draw(st.integers(1, 4))
+    cross = draw(st.booleans())
+    kv_len = draw(st.integers(1, 4)) if cross else q_len
+    d_q = heads * head_dim if draw(st.booleans()) else draw(feature_sizes(5))
+    explicit_dim = d_q % heads != 0 or draw(st.booleans())
+    rope = not cross and draw(st.booleans())
+    if rope:
+        head_dim = 2 * head_dim
+    out = draw(st.one_of(st.none(), feature_sizes(4)))
+    layer = fl.multi_head_attention(
+        heads,
+        head_dim if (explicit_dim or rope) else None,
+        num_kv_heads=kv_heads,
+        out_features=out,
+        use_bias=draw(st.booleans()),
+        is_causal=draw(st.booleans()),
+        rope_base=10000.0 if rope else None,
+        # jax.nn.dot_product_attention's XLA kernel runs its softmax in float32 even on
+        # float64 inputs, so float64 finite differences check the explicit kernel only;
+        # tests/test_attention.py checks both kernels' numbers against NumPy.
+        implementation="explicit",
+    )
+    q = draw(normal_arrays((batch, q_len, d_q)))
+    kv = draw(normal_arrays((batch, kv_len, draw(feature_sizes(5))))) if cross else None
+    mask = draw(attention_masks(batch, heads, q_len, kv_len))
+    inputs = (q,) if kv is None and mask is None else (q, kv) if mask is None else (q, kv, mask)
+    return LayerCase(layer, inputs, (batch, q_len, out or d_q))
+
+
+def _test_norm() -> Layer:
+    """A parameter-free normalisation for block strategies (centre and scale the features)."""
+    return fl.function(
+        lambda x: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.shape[-1]), name="test_norm"
+    )
+
+
+def _block_case(draw: st.DrawFn, make: Callable[..., Layer], **extra: Any) -> LayerCase:
+    heads = draw(st.integers(1, 2))
+    width = heads * draw(st.integers(1, 3)) * (2 if extra.get("rope_base") else 1)  # RoPE: even
+    batch, time = draw(batch_sizes(2)), draw(st.integers(1, 4))
+    norm = getattr(fl, "layer_norm", _test_norm)
+    layer = make(width, heads, hidden=draw(feature_sizes(6)), norm=norm, **extra)
+    x = draw(normal_arrays((batch, time, width)))
+    mask = draw(st.one_of(st.none(), st.just((batch, 1, time))))
+    if mask is None:
+        return LayerCase(layer, (x,), (batch, time, width))
+    keep = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).random(mask) < 0.7
+    return LayerCase(layer, (x, keep), (batch, time, width))
+
+
+@st.composite
+def encoder_block_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.encoder_block`` with drawn width, heads, MLP size and key-padding masks."""
+    return _block_case(draw, fl.encoder_block)
+
+
+@st.composite
+def decoder_block_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.decoder_block`` with drawn width, heads, MLP size, RoPE and padding masks."""
+    return _block_case(draw, fl.decoder_block, rope_base=draw(st.sampled_from([None, 100.0])))
+
+
+@st.composite
+def repeat_cases(draw: st.DrawFn) -> LayerCase:
+    """``fl.repeat`` of a width-preserving MLP or a decoder block, 1 to 3 copies."""
+    n = draw(st.integers(1, 3))
+    if draw(st.booleans()):
+        batch, width = draw(batch_sizes()), draw(feature_sizes())
+        layer = fl.repeat(fl.serial(fl.dense(width), jax.nn.tanh), n)
+        return LayerCase(layer, (draw(normal_arrays((batch, width))),), (batch, width))
+    case = _block_case(draw, fl.decoder_block)
+    return case._replace(layer=fl.repeat(case.layer, n))
 
 
 # Convolutional networks (issue 3). Sizes stay tiny: gradients are checked in float64 by

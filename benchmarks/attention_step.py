@@ -1,0 +1,244 @@
+"""Causal self-attention train step, and compile time of deep stacks (repeat vs unrolled).
+
+    python -m benchmarks --suite attention      # or: python benchmarks/attention_step.py
+
+1. One causal self-attention layer (batch 8, 256 positions, width 256, 8 heads): forward,
+   mean-squared error, grad, adam update; params and optimizer state donated. Baseline: the
+   same computation hand-written with ``jax.nn.dot_product_attention`` (its XLA path); also
+   hand-written explicit softmax, fundl (its default kernel for this backend and dtype), and
+   Flax linen's, Flax NNX's and Equinox's attention layers when installed. All start from the
+   same weights and their first losses are compared before timing. Target: fundl <= 1.0x
+   the fastest implementation of the run.
+2. Compile time (trace + XLA compile) of a train step through ``repeat(decoder_block, n)``
+   for n = 1, 24 and 2 and through 24 blocks unrolled by ``serial``. Target: repeat(24) /
+   repeat(1) <= 2. (XLA removes a loop of one trip, so repeat(1) is straight-line code and
+   cheaper to compile than any real loop; repeat(24) / repeat(2) shows the growth with depth.)
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import fundl as fl
+from benchmarks.harness import CaseResult, Timing, measure
+from benchmarks.mlp_step import chained, make_step
+
+BATCH, TIME, WIDTH, HEADS = 8, 256, 256, 8
+
+
+def _mse(y, target):
+    return jnp.mean(jnp.square(y - target))
+
+
+def _causal(t):
+    return jnp.tril(jnp.ones((t, t), bool))
+
+
+def _project(p, x):
+    return x @ p["w"] + p["b"]
+
+
+def _hand_written(attention, heads):
+    """A loss over fundl-layout params with the attention core given."""
+
+    def loss(params, x, target):
+        b, t, _ = x.shape
+        q, k, v = (_project(params[n], x).reshape(b, t, heads, -1)
+                   for n in ("query", "key", "value"))  # fmt: skip
+        out = attention(q, k, v).reshape(b, t, -1)
+        return _mse(_project(params["out"], out), target)
+
+    return loss
+
+
+def _fused(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+
+def _explicit(q, k, v):
+    t, d = q.shape[1], q.shape[-1]
+    logits = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(d).astype(np.float32)
+    logits = jnp.where(_causal(t)[None, None], logits, jnp.finfo(logits.dtype).min)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, axis=-1), v)
+
+
+def implementations(weights, x, heads):
+    """``{name: (loss(params, x, target), params)}`` for every implementation available.
+
+    Args:
+        weights: fundl-layout params of a ``multi_head_attention(heads)``.
+        x: the input, ``(batch, time, width)``.
+        heads: the number of heads.
+    """
+    notes, impls = [], {}
+    batch, time_, width = x.shape
+    impls["jax.nn.dot_product_attention"] = (_hand_written(_fused, heads), weights)
+    impls["explicit softmax"] = (_hand_written(_explicit, heads), weights)
+    layer = fl.multi_head_attention(heads, is_causal=True)
+    _, state = layer.init(jax.random.key(0), x)
+    impls["fundl"] = (lambda p, x, y: _mse(layer.apply(p, state, x)[0], y), weights)
+    d = width // heads
+
+    def heads_in(p):
+        return {"kernel": p["w"].reshape(width, heads, d), "bias": p["b"].reshape(heads, d)}
+
+    try:
+        import flax.linen as nn
+        from flax import nnx
+
+        linen = nn.MultiHeadDotProductAttention(num_heads=heads, qkv_features=width,
+                                                out_features=width, deterministic=True)  # fmt: skip
+        lp = {"params": {n: heads_in(weights[n]) for n in ("query", "key", "value")}}
+        lp["params"]["out"] = {"kernel": weights["out"]["w"].reshape(heads, d, width),
+                               "bias": weights["out"]["b"]}  # fmt: skip
+        mask = nn.make_causal_mask(jnp.ones((batch, time_)))
+
+        impls["flax linen"] = (lambda p, x, y: _mse(linen.apply(p, x, mask=mask), y), lp)
+
+        model = nnx.MultiHeadAttention(heads, width, width, width, decode=False,
+                                       rngs=nnx.Rngs(0))  # fmt: skip
+        for n in ("query", "key", "value"):
+            sub = getattr(model, n)
+            sub.kernel[...], sub.bias[...] = heads_in(weights[n]).values()
+        model.out.kernel[...] = weights["out"]["w"].reshape(heads, d, width)
+        model.out.bias[...] = weights["out"]["b"]
+        graphdef, nstate = nnx.split(model)
+
+        def nnx_loss(p, x, y):
+            return _mse(nnx.merge(graphdef, p)(x, mask=mask, decode=False), y)
+
+        impls["flax nnx"] = (nnx_loss, nstate)
+    except ImportError:
+        notes.append("flax not installed: flax linen and nnx skipped")
+    try:
+        import equinox as eqx
+
+        mha = eqx.nn.MultiheadAttention(heads, width, use_query_bias=True, use_key_bias=True,
+                                        use_value_bias=True, use_output_bias=True,
+                                        key=jax.random.key(0))  # fmt: skip
+        names = {"query_proj": "query", "key_proj": "key", "value_proj": "value",
+                 "output_proj": "out"}  # fmt: skip
+        for eqx_name, name in names.items():
+            mha = eqx.tree_at(lambda m, e=eqx_name: (getattr(m, e).weight, getattr(m, e).bias),
+                              mha, (weights[name]["w"].T, weights[name]["b"]))  # fmt: skip
+        params, static = eqx.partition(mha, eqx.is_array)
+        causal = _causal(time_)
+
+        def eqx_loss(p, x, y):
+            m = eqx.combine(p, static)
+            return _mse(jax.vmap(lambda s: m(s, s, s, mask=causal))(x), y)
+
+        impls["equinox"] = (eqx_loss, params)
+    except ImportError:
+        notes.append("equinox not installed: equinox skipped")
+    notes.append("keras not installed here: keras skipped" if _missing("keras") else
+                 "keras 3 attention not wired in (different backend setup)")  # fmt: skip
+    return impls, notes
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
+
+
+def attention_case(quick: bool) -> CaseResult:
+    """The train-step case; ``quick`` shrinks it to (2, 64, 64), 4 heads (a smoke run)."""
+    batch, time_, width, heads = (2, 64, 64, 4) if quick else (BATCH, TIME, WIDTH, HEADS)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, time_, width)), jnp.float32)
+    target = jnp.asarray(rng.standard_normal((batch, time_, width)), jnp.float32)
+    layer = fl.multi_head_attention(heads, is_causal=True)
+    weights, _ = layer.init(jax.random.key(0), x)
+    weights = jax.tree.map(lambda w: w + 0.01, weights)  # non-zero biases
+    opt = optax.adam(1e-3)
+    impls, notes = implementations(weights, x, heads)
+    steps = 1 if quick else 3
+    runs, first, compile_s = {}, {}, {}
+    for name, (loss, params) in impls.items():
+        step = make_step(loss, opt)
+        params = jax.tree.map(jnp.array, params)  # own copy: steps donate it
+        carry = (params, opt.init(params), jnp.zeros(()))
+        t0 = time.perf_counter()
+        carry = jax.block_until_ready(step(*carry, x, target))
+        compile_s[name] = time.perf_counter() - t0
+        first[name] = float(carry[2])
+        runs[name] = chained(step, carry, x, target, steps)
+    base = first["jax.nn.dot_product_attention"]
+    for name, value in first.items():
+        if not np.isclose(value, base, rtol=1e-4):
+            raise RuntimeError(f"{name} computes a different loss: {value} vs {base}")
+    res = measure(f"causal self-attention train step, batch {batch}, {time_} positions, "
+                  f"width {width}, {heads} heads", runs, rounds=2 if quick else 15,
+                  unit=f"{steps} steps")  # fmt: skip
+    for t in res.timings:
+        t.compile_s = compile_s[t.name]
+    fastest = min(res.timings, key=lambda t: t.median_s)
+    fundl_t = next(t for t in res.timings if t.name == "fundl")
+    ratio = fundl_t.median_s / fastest.median_s
+    kernel = fl.attention._choose(None, jnp.float32, width // heads, False, False, False)
+    res.notes.append(f"fundl / fastest ({fastest.name}) = {ratio:.3f} (target <= 1.0); "
+                     f"fundl's kernel on {jax.default_backend()} float32: {kernel}")  # fmt: skip
+    res.notes.extend(notes)
+    return res
+
+
+def compile_case(quick: bool) -> CaseResult:
+    depth = 3 if quick else 24
+    width, heads, batch, t = (32, 2, 1, 8) if quick else (128, 4, 2, 64)
+    x = jnp.zeros((batch, t, width))
+    opt = optax.adam(1e-3)
+    block = fl.decoder_block(width, heads)
+    models = {"repeat(block, 1)": fl.repeat(block, 1),
+              f"repeat(block, {depth})": fl.repeat(block, depth),
+              f"serial of {depth} blocks (unrolled)": fl.serial(*[block] * depth),
+              "repeat(block, 2)": fl.repeat(block, 2)}  # fmt: skip
+    timings = []
+    for name, model in models.items():
+        params, state = model.init(jax.random.key(0), x)
+        opt_state = opt.init(params)
+
+        def loss(p, x, y, model=model, state=state):
+            return _mse(model.apply(p, state, x)[0], y)
+
+        samples = []
+        for _ in range(1 if quick else 3):
+            step = make_step(functools.partial(loss), opt)  # a new function: no cache hit
+            t0 = time.perf_counter()
+            step.lower(params, opt_state, jnp.zeros(()), x, x).compile()
+            samples.append(time.perf_counter() - t0)
+        med = float(np.median(samples))
+        timings.append(Timing(name, med, med, float(np.ptp(samples)), samples=samples))
+    for tm in timings:
+        tm.ratio = tm.median_s / timings[0].median_s
+    res = CaseResult(f"compile time of a train step, decoder blocks width {width}", "compile",
+                     timings)  # fmt: skip
+    res.notes.append(f"repeat({depth}) / repeat(1) = {timings[1].ratio:.2f} (target <= 2); "
+                     f"unrolled / repeat(1) = {timings[2].ratio:.2f}")  # fmt: skip
+    per_two = timings[1].median_s / timings[3].median_s
+    res.notes.append(f"repeat({depth}) / repeat(2) = {per_two:.2f}: XLA drops a loop of one "
+                     "trip, so repeat(1) compiles as straight-line code; from 2 copies on, "
+                     "the compile time does not grow with depth")  # fmt: skip
+    return res
+
+
+def run(quick: bool = False) -> list[CaseResult]:
+    """The attention train-step case and the compile-time case."""
+    return [attention_case(quick), compile_case(quick)]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from benchmarks.harness import format_table
+
+    parser = argparse.ArgumentParser(description="attention benchmarks")
+    parser.add_argument("--quick", action="store_true")
+    with jax.numpy_dtype_promotion("standard"):
+        print(format_table(run(parser.parse_args().quick)))

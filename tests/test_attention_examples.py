@@ -1,0 +1,62 @@
+"""The char-transformer example trains and samples; the attention benchmarks run (smoke runs)."""
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_example():
+    path = ROOT / "examples" / "char_transformer.py"
+    spec = importlib.util.spec_from_file_location("char_transformer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_char_transformer_tiny_run_learns_and_samples(capsys):
+    module = load_example()
+    # optax's adamw counts steps in int32: not clean under the suite's strict promotion, so
+    # the run uses JAX's standard promotion, as users run it.
+    with jax.numpy_dtype_promotion("standard"):
+        result = module.main(minutes=3, steps=40, width=32, heads=2, layers=1, context=32,
+                             batch_size=8, lr=1e-2, eval_every=20, eval_batches=2,
+                             sample_chars=12)  # fmt: skip
+    losses = result["train_losses"]
+    assert len(losses) == 40
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5  # nats: it learns
+    assert result["held_out_bits"] < np.log2(103)  # better than uniform over the characters
+    assert len(result["sample"]) == len("The import statement") + 12
+    out = capsys.readouterr().out
+    assert f"held-out: {result['held_out_bits']:.3f} bits/char" in out
+
+
+def test_attention_benchmark_quick_run():
+    from benchmarks.attention_step import run
+
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+        step, compile_ = run(quick=True)
+    names = [t.name for t in step.timings]
+    assert names[:3] == ["jax.nn.dot_product_attention", "explicit softmax", "fundl"]
+    assert step.timings[0].ratio == 1.0 and all(t.median_s > 0 for t in step.timings)
+    assert any(n.startswith("fundl / fastest") for n in step.notes)
+    assert [t.name for t in compile_.timings] == [
+        "repeat(block, 1)", "repeat(block, 3)", "serial of 3 blocks (unrolled)", "repeat(block, 2)"
+    ]  # fmt: skip
+    assert compile_.notes[0].startswith("repeat(3) / repeat(1) = ")
+
+
+def test_gpt2_benchmark_tiny(tmp_path):
+    from benchmarks.gpt2 import flops_per_token, main, peak_tflops
+
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+        result = main(["--tiny", "--steps", "1", "--peak-tflops", "1.0",
+                       "--json", str(tmp_path / "gpt2.json")])  # fmt: skip
+    assert result["tokens_per_s"] > 0 and np.isfinite(result["last_loss"])
+    assert result["mfu"] == result["model_tflops"] / 1.0
+    assert (tmp_path / "gpt2.json").exists()
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("cpu") is None
+    assert flops_per_token(100, 2, 8, 16) == 6 * 100 + 12 * 2 * 8 * 16

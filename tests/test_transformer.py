@@ -1,0 +1,214 @@
+"""repeat (scanned stacks) and the pre-norm encoder/decoder blocks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fundl as fl
+from fundl.core import Layer, named
+
+KEY = jax.random.key(0)
+
+
+def center_norm() -> Layer:
+    """A param-free stand-in for layer_norm (the blocks take the norm as an argument)."""
+    return fl.function(lambda x: x - x.mean(-1, keepdims=True), name="center_norm")
+
+
+NORM = getattr(fl, "layer_norm", center_norm)
+
+
+def toy_dropout(rate: float) -> Layer:
+    """A minimal inverted dropout for the blocks' dropout_layer argument."""
+
+    def init(key, x):
+        return (), ()
+
+    def apply(params, state, x, key=None, train=False):
+        if not train:
+            return x, state
+        if key is None:
+            raise ValueError("toy_dropout: needs a key")
+        keep = jax.random.bernoulli(key, 1 - rate, x.shape)
+        return jnp.where(keep, x / (1 - rate), 0.0), state
+
+    return named(Layer(init, apply), f"toy_dropout({rate})")
+
+
+def noise() -> Layer:
+    """Adds standard normal noise drawn from its key; counts its calls in its state."""
+
+    def init(key, x):
+        return (), jnp.zeros((), jnp.int32)
+
+    def apply(params, state, x, key=None, train=False):
+        return x + jax.random.normal(key, x.shape), state + 1
+
+    return named(Layer(init, apply), "noise")
+
+
+def rand(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def block_i(params, i):
+    return jax.tree.map(lambda p: p[i], params)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_repeat_equals_blocks_one_after_another(with_mask):
+    block = fl.decoder_block(8, 2, hidden=12, norm=NORM)
+    stack = fl.repeat(block, 3)
+    x = rand((2, 5, 8))
+    mask = (np.arange(5)[None, :] < np.array([5, 3])[:, None])[:, None, :]
+    inputs = (x, mask) if with_mask else (x,)
+    params, state = stack.init(KEY, *inputs)
+    assert params["attn"]["attn"]["query"]["w"].shape == (3, 8, 8)
+    y, _ = stack.apply(params, state, *inputs)
+    h = x
+    for i in range(3):
+        h, _ = block.apply(block_i(params, i), block_i(state, i), h, *inputs[1:])
+    # float32, outputs of size ~4 after three blocks: scan and the eager loop round apart
+    # by a few ulps (~2e-6 seen), so atol is 1e-5.
+    np.testing.assert_allclose(y, h, rtol=1e-5, atol=1e-5)
+
+
+def test_repeat_params_are_addressable_per_block():
+    stack = fl.repeat(fl.dense(4), 3)
+    params, state = stack.init(KEY, jnp.zeros((1, 4)))
+    assert jax.tree.map(jnp.shape, block_i(params, 1)) == {"w": (4, 4), "b": (4,)}
+    assert not np.allclose(params["w"][0], params["w"][1])  # one key per block at init
+    identity = {"w": jnp.eye(4), "b": jnp.zeros(4)}
+    params = jax.tree.map(lambda p, q: p.at[1].set(q), params, identity)
+    x = rand((2, 4))
+    y, _ = stack.apply(params, state, x)
+    h = x @ np.asarray(params["w"][0]) + np.asarray(params["b"][0])
+    h = h @ np.asarray(params["w"][2]) + np.asarray(params["b"][2])
+    np.testing.assert_allclose(y, h, rtol=1e-5, atol=1e-5)
+
+
+def test_repeat_splits_keys_and_stacks_state():
+    stack = fl.repeat(noise(), 3)
+    x = jnp.zeros((2,))
+    params, state = stack.init(KEY, x)
+    assert state.shape == (3,)
+    key = jax.random.key(7)
+    y, new_state = stack.apply(params, state, x, key=key)
+    expected = sum(jax.random.normal(k, (2,)) for k in jax.random.split(key, 3))
+    np.testing.assert_allclose(y, expected, rtol=1e-6)
+    np.testing.assert_array_equal(new_state, [1, 1, 1])
+
+
+def test_repeat_compiles_one_block_whatever_the_depth():
+    """The traced program of repeat(block, n) has the same size for any n (one scan body)."""
+    block = fl.decoder_block(8, 2, norm=NORM)
+    x = rand((1, 4, 8))
+    sizes = {}
+    for n in (1, 8):
+        stack = fl.repeat(block, n)
+        params, state = stack.init(KEY, x)
+        jaxpr = jax.make_jaxpr(lambda p, s: stack.apply(p, s, x))(params, state)  # noqa: B023
+        sizes[n] = len(str(jaxpr))
+    assert sizes[8] <= 1.02 * sizes[1]  # only the stacked shapes' digits differ
+
+
+def test_repeat_errors():
+    with pytest.raises(ValueError, match=r"^repeat\(layer, n\): n must be a positive int, got 0"):
+        fl.repeat(fl.dense(3), 0)
+    with pytest.raises(ValueError) as err:
+        fl.repeat(fl.dense(3), 2).init(KEY, jnp.zeros((1, 4)))
+    assert str(err.value) == (
+        "repeat(dense(3), 2): the layer maps shape (1, 4) float32 to shape (1, 3) float32; "
+        "repeat feeds each copy's output to the next, so they must match. Make the layer "
+        "keep its input's shape and dtype."
+    )
+    stack = fl.repeat(fl.dense(4), 2)
+    params, state = fl.dense(4).init(KEY, jnp.zeros((1, 4)))
+    with pytest.raises(ValueError, match=r"^repeat\(dense\(4\), 2\): params and state need a "
+                                         r"leading axis of size 2"):  # fmt: skip
+        stack.apply(params, state, jnp.zeros((1, 4)))
+
+
+def test_block_param_structure_and_dropout():
+    block = fl.encoder_block(8, 2, hidden=16, dropout=0.5, norm=NORM,
+                             dropout_layer=toy_dropout)  # fmt: skip
+    x = rand((2, 3, 8))
+    params, state = block.init(KEY, x)
+    assert set(params) == {"attn", "mlp"}
+    assert set(params["attn"]) == {"norm", "attn", "drop"}
+    assert params["mlp"]["up"]["w"].shape == (8, 16)
+    assert params["mlp"]["down"]["w"].shape == (16, 8)
+    y1, _ = block.apply(params, state, x)
+    y2, _ = block.apply(params, state, x, key=jax.random.key(1), train=True)
+    assert not np.allclose(y1, y2)
+
+
+def test_encoder_block_ignores_padded_positions():
+    block = fl.encoder_block(8, 2, norm=NORM)
+    x = rand((2, 6, 8))
+    lengths = np.array([6, 4])
+    mask = (np.arange(6)[None, :] < lengths[:, None])[:, None, :]
+    params, state = block.init(KEY, x, mask)
+    y, _ = block.apply(params, state, x, mask)
+    changed = x.copy()
+    changed[1, 4:] = 100.0 * rand((2, 8), 3)
+    y2, _ = block.apply(params, state, changed, mask)
+    np.testing.assert_allclose(y2[1, :4], y[1, :4], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y2[0], y[0], rtol=1e-6)
+
+
+def test_decoder_block_is_causal():
+    block = fl.decoder_block(8, 2, norm=NORM, rope_base=10000.0)
+    x = rand((1, 6, 8))
+    params, state = block.init(KEY, x)
+    y, _ = block.apply(params, state, x)
+    changed = x.copy()
+    changed[:, 3:] = rand((1, 3, 8), 5)
+    y2, _ = block.apply(params, state, changed)
+    np.testing.assert_allclose(y2[:, :3], y[:, :3], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(y2[:, 3:], y[:, 3:])
+
+
+def language_model(decode: bool) -> Layer:
+    return fl.serial(
+        embed=fl.embedding(11, 8),
+        pos=fl.learned_positions(10, decode=decode),
+        blocks=fl.repeat(fl.decoder_block(8, 2, num_kv_heads=1, norm=NORM, decode=decode), 2),
+    )
+
+
+def test_language_model_cached_decoding_equals_full_pass():
+    ids = np.random.default_rng(0).integers(0, 11, (2, 7)).astype(np.int32)
+    full, dec = language_model(False), language_model(True)
+    params, state = full.init(KEY, ids)
+    y, _ = full.apply(params, state, ids)
+    cache = fl.init_cache(dec, batch=2, max_len=10)
+    assert cache["blocks"]["attn"]["attn"].key.shape == (2, 2, 10, 1, 4)  # (blocks, ...)
+    step = jax.jit(dec.apply)
+    outs = []
+    for t in range(7):
+        out, cache = step(params, cache, ids[:, t : t + 1])
+        outs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), y, rtol=1e-5, atol=1e-5)
+
+
+def test_block_width_not_divisible_by_heads():
+    with pytest.raises(ValueError) as err:
+        fl.decoder_block(10, 4, norm=NORM)
+    assert str(err.value) == (
+        "decoder_block(10, 4): the width 10 is not divisible by num_heads=4. Pick num_heads "
+        "dividing 10."
+    )
+
+
+def test_block_defaults_layer_norm_and_dropout():
+    block = fl.decoder_block(8, 2, dropout=0.1, attention_dropout=0.1)
+    x = rand((2, 3, 8))
+    params, state = block.init(KEY, x)
+    assert set(params["attn"]["norm"]) == set(params["mlp"]["norm"]) == {"scale", "bias"}
+    y_eval, _ = block.apply(params, state, x)
+    y_train, _ = block.apply(params, state, x, key=jax.random.key(1), train=True)
+    assert not np.allclose(y_eval, y_train)
+    with pytest.raises(ValueError, match=r"key"):
+        block.apply(params, state, x, train=True)
