@@ -171,7 +171,7 @@ def run(quick: bool = False, batches: tuple[int, ...] = (8, 128)) -> list[CaseRe
         for name, loss in first_losses.items():
             if not np.isclose(loss, base, rtol=1e-4):
                 raise RuntimeError(f"{name} computes a different loss: {loss} vs plain {base}")
-        res = measure(f"mlp train step, batch {batch}", runs, rounds=3 if quick else 40,
+        res = measure(f"mlp train step, batch {batch}", runs, rounds=3 if quick else 150,
                       unit=f"{steps} steps")  # fmt: skip
         for t in res.timings:
             t.compile_s = compile_s[t.name]  # the first call: trace, compile and one step
