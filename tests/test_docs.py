@@ -14,14 +14,15 @@ import fundl
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 TUTORIALS = sorted((DOCS / "tutorials").glob("*.md"))
+PAGES_WITH_CODE = [ROOT / "README.md", DOCS / "index.md", *TUTORIALS]
 
 
 def python_blocks(page: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
 
 
-@pytest.mark.parametrize("page", TUTORIALS, ids=lambda p: p.stem)
-def test_tutorial_code_runs(page):
+@pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=lambda p: p.stem)
+def test_page_code_runs(page):
     blocks = python_blocks(page)
     assert blocks, f"{page.name} has no python code blocks"
     namespace = {"__name__": f"tutorial_{page.stem}"}
