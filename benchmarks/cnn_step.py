@@ -14,7 +14,6 @@ fundl / plain JAX <= 1.02 at both sizes.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import jax
@@ -24,8 +23,8 @@ import optax
 from jax import lax
 
 import fundl as fl
-from benchmarks.harness import CaseResult, measure
-from benchmarks.mlp_step import _ce, chained, make_step
+from benchmarks.harness import CaseResult, make_step, measure_train_steps
+from benchmarks.mlp_step import _ce
 
 CONV_SHAPES = [(5, 5, 1, 6), (5, 5, 6, 16)]
 DENSE_SHAPES = [(400, 120), (120, 84), (84, 10)]
@@ -134,23 +133,9 @@ def run(quick: bool = False, batches: tuple[int, ...] = (8, 128)) -> list[CaseRe
         ]
         impls, notes = implementations(convs, denses)
         steps = 2 if quick else 10
-        runs, first_losses, compile_s = {}, {}, {}
-        for name, (step, params) in impls.items():
-            params = jax.tree_util.tree_map(jnp.array, params)  # own copy: steps donate it
-            carry = (params, opt.init(params), jnp.zeros(()))
-            t0 = time.perf_counter()
-            carry = jax.block_until_ready(step(*carry, x, y))
-            compile_s[name] = time.perf_counter() - t0
-            first_losses[name] = float(carry[2])
-            runs[name] = chained(step, carry, x, y, steps)
-        base = first_losses["plain JAX"]
-        for name, loss in first_losses.items():
-            if not np.isclose(loss, base, rtol=1e-4):
-                raise RuntimeError(f"{name} computes a different loss: {loss} vs plain {base}")
-        res = measure(f"lenet train step, batch {batch}", runs, rounds=3 if quick else 30,
-                      unit=f"{steps} steps")  # fmt: skip
-        for t in res.timings:
-            t.compile_s = compile_s[t.name]  # the first call: trace, compile and one step
+        res = measure_train_steps(
+            f"lenet train step, batch {batch}", impls, opt, x, y, steps, 3 if quick else 30
+        )
         res.notes.extend(notes)
         results.append(res)
     return results

@@ -10,6 +10,7 @@ ratio of medians to the baseline (the first implementation, plain JAX).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -19,6 +20,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
 
 @dataclass
@@ -145,3 +149,72 @@ def plot(results: list[CaseResult], path: str) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def make_step(loss_of_params: Callable, opt: optax.GradientTransformation):
+    """A jitted, donating train step around ``loss_of_params(params, x, y)``."""
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, loss, x, y):
+        loss, grads = jax.value_and_grad(loss_of_params)(params, x, y)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def chained(step: Callable, carry: tuple, x, y, steps: int) -> Callable[[], None]:
+    """A ``run()`` doing ``steps`` train steps, each fed the previous one's outputs."""
+    box = [carry]
+
+    def run() -> None:
+        c = box[0]
+        for _ in range(steps):
+            c = step(*c, x, y)
+        box[0] = jax.block_until_ready(c)
+
+    return run
+
+
+def measure_train_steps(
+    case: str,
+    impls: dict[str, tuple[Callable, object]],
+    opt: optax.GradientTransformation,
+    x: jax.Array,
+    y: jax.Array,
+    steps: int,
+    rounds: int,
+) -> CaseResult:
+    """Times train steps made by :func:`make_step`, after checking they compute one loss.
+
+    Each implementation gets its own copy of its params (the steps donate them); its first
+    call (trace, compile and one step) is timed as the compile time, and its first loss must
+    equal the baseline's (the first entry, plain JAX) to ``rtol=1e-4``.
+
+    Args:
+        case: the case's name.
+        impls: ordered ``{name: (step, initial params)}``.
+        opt: the optax optimizer the steps use.
+        x: the input batch.
+        y: the integer labels, shape ``(batch,)``.
+        steps: train steps per timed ``run()``.
+        rounds: interleaved rounds.
+    """
+    runs, first_losses, compile_s = {}, {}, {}
+    for name, (step, params) in impls.items():
+        params = jax.tree_util.tree_map(jnp.array, params)  # own copy: steps donate it
+        carry = (params, opt.init(params), jnp.zeros(()))
+        t0 = time.perf_counter()
+        carry = jax.block_until_ready(step(*carry, x, y))
+        compile_s[name] = time.perf_counter() - t0
+        first_losses[name] = float(carry[2])
+        runs[name] = chained(step, carry, x, y, steps)
+    base_name = next(iter(impls))
+    base = first_losses[base_name]
+    for name, loss in first_losses.items():
+        if not np.isclose(loss, base, rtol=1e-4):
+            raise RuntimeError(f"{name} computes a different loss: {loss} vs {base_name} {base}")
+    res = measure(case, runs, rounds=rounds, unit=f"{steps} steps")
+    for t in res.timings:
+        t.compile_s = compile_s[t.name]  # the first call: trace, compile and one step
+    return res

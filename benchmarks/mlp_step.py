@@ -11,8 +11,6 @@ Peers (stax ships with JAX; Flax linen, Haiku, Equinox when installed) are timed
 
 from __future__ import annotations
 
-import functools
-import time
 from collections.abc import Callable
 
 import jax
@@ -21,36 +19,11 @@ import numpy as np
 import optax
 
 import fundl as fl
-from benchmarks.harness import CaseResult, measure
+from benchmarks.harness import CaseResult, make_step, measure_train_steps
 
 
 def _ce(logits, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-def make_step(loss_of_params: Callable, opt: optax.GradientTransformation):
-    """A jitted, donating train step around ``loss_of_params(params, x, y)``."""
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, loss, x, y):
-        loss, grads = jax.value_and_grad(loss_of_params)(params, x, y)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
-
-
-def chained(step: Callable, carry: tuple, x, y, steps: int) -> Callable[[], None]:
-    """A ``run()`` doing ``steps`` train steps, each fed the previous one's outputs."""
-    box = [carry]
-
-    def run() -> None:
-        c = box[0]
-        for _ in range(steps):
-            c = step(*c, x, y)
-        box[0] = jax.block_until_ready(c)
-
-    return run
 
 
 def implementations(weights, opt) -> tuple[dict[str, tuple[Callable, object]], list[str]]:
@@ -158,23 +131,9 @@ def run(quick: bool = False, batches: tuple[int, ...] = (8, 128)) -> list[CaseRe
         weights = [(init(k, s), jnp.zeros(s[1])) for k, s in zip(keys, sizes, strict=True)]
         impls, notes = implementations(weights, opt)
         steps = 2 if quick else 20
-        runs, first_losses, compile_s = {}, {}, {}
-        for name, (step, params) in impls.items():
-            params = jax.tree_util.tree_map(jnp.array, params)  # own copy: steps donate it
-            carry = (params, opt.init(params), jnp.zeros(()))
-            t0 = time.perf_counter()
-            carry = jax.block_until_ready(step(*carry, x, y))
-            compile_s[name] = time.perf_counter() - t0
-            first_losses[name] = float(carry[2])
-            runs[name] = chained(step, carry, x, y, steps)
-        base = first_losses["plain JAX"]
-        for name, loss in first_losses.items():
-            if not np.isclose(loss, base, rtol=1e-4):
-                raise RuntimeError(f"{name} computes a different loss: {loss} vs plain {base}")
-        res = measure(f"mlp train step, batch {batch}", runs, rounds=3 if quick else 150,
-                      unit=f"{steps} steps")  # fmt: skip
-        for t in res.timings:
-            t.compile_s = compile_s[t.name]  # the first call: trace, compile and one step
+        res = measure_train_steps(
+            f"mlp train step, batch {batch}", impls, opt, x, y, steps, 3 if quick else 150
+        )
         res.notes.extend(notes)
         results.append(res)
     return results
