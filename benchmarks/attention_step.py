@@ -26,8 +26,7 @@ import numpy as np
 import optax
 
 import fundl as fl
-from benchmarks.harness import CaseResult, Timing, measure
-from benchmarks.mlp_step import chained, make_step
+from benchmarks.harness import CaseResult, Timing, chained, make_step, measure
 
 BATCH, TIME, WIDTH, HEADS = 8, 256, 256, 8
 
