@@ -1,6 +1,6 @@
 """Causal self-attention train step, and compile time of deep stacks (repeat vs unrolled).
 
-    python -m benchmarks --suite attention      # or: python benchmarks/attention_step.py
+    python -m benchmarks --suite attention      # or: python -m benchmarks.attention_step
 
 1. One causal self-attention layer (batch 8, 256 positions, width 256, 8 heads): forward,
    mean-squared error, grad, adam update; params and optimizer state donated. Baseline: the

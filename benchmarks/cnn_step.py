@@ -1,6 +1,6 @@
 """A LeNet-5-sized CNN's train step (adam) in fundl vs plain JAX (lax.conv) and peers.
 
-    python -m benchmarks --suite cnn          # or: python benchmarks/cnn_step.py [--quick]
+    python -m benchmarks --suite cnn          # or: python -m benchmarks.cnn_step [--quick]
 
 LeNet-5 channels-last on MNIST-shaped batches (batch, 28, 28, 1), at batch 8 and 128:
 conv 5x5 (6, SAME) -> relu -> avg_pool 2x2 -> conv 5x5 (16, VALID) -> relu -> avg_pool

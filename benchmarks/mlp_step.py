@@ -1,6 +1,6 @@
 """The seed model's train step (Flatten-128-64-10 MLP, adam) in fundl vs plain JAX and peers.
 
-    python -m benchmarks --suite mlp          # or: python benchmarks/mlp_step.py
+    python -m benchmarks --suite mlp          # or: python -m benchmarks.mlp_step
 
 The same step (forward, softmax cross-entropy, grad, optax adam update; params and optimizer
 state donated) on MNIST-shaped batches (batch, 28, 28), at batch 8 and 128. Every
