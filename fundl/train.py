@@ -726,9 +726,11 @@ def _evaluate(step, ts, data, batch_size, sharding, shards) -> dict[str, float]:
 
 
 def _place(tree: Any, sharding: jax.sharding.Sharding | None) -> Any:
-    """Puts ``tree`` on ``sharding``'s devices; across hosts, from the same full value."""
+    """Puts ``tree`` on ``sharding``'s devices (default: the default device) once, so steps
+    that take it do not copy it from the host on every call; across hosts, each process
+    builds its shards from the same full value."""
     if sharding is None:
-        return tree
+        return jax.device_put(tree)
     if sharding.is_fully_addressable:
         return jax.device_put(tree, sharding)
 
