@@ -8,7 +8,14 @@ The model: token embedding (vocab 50257, tied with the output head via ``fl.atte
 learned positions (context 1024), ``repeat(decoder_block(768, 12), 12)``, final layer norm;
 bf16 compute over float32 params (``dtype=jnp.bfloat16``), softmax cross-entropy in float32,
 adamw; params and optimizer state donated. Attention uses fundl's default kernel for the
-backend (cuDNN flash attention on an NVIDIA GPU in bf16).
+backend (cuDNN flash attention on an NVIDIA GPU in bf16). ``--impl plain`` runs the same
+model hand-written in plain JAX (the floor; blocks as a Python loop).
+
+Two settings matter on a GPU (measured on an H200, batch 16; see ``RESULTS.md``): the stack
+fully unrolled (``fl.repeat(..., unroll=12)``, the default here on a GPU: XLA then drops the
+loop and fuses across blocks; 26.8% -> 35.2% MFU) and XLA's Triton GEMMs off
+(``XLA_FLAGS=--xla_gpu_enable_triton_gemm=false``, cuBLAS for every matmul; 35.2% -> 40.0%),
+which ``benchmarks/gpu.sh`` sets.
 
 MFU = achieved model FLOP/s / peak FLOP/s, with the model FLOPs per token of the PaLM paper
 (appendix B): ``6 N + 12 L d T`` (N params, L blocks, d width, T context; no discount for the
@@ -37,7 +44,9 @@ FULL = {"vocab": 50257, "context": 1024, "width": 768, "heads": 12, "layers": 12
 TINY = {"vocab": 512, "context": 64, "width": 64, "heads": 4, "layers": 2, "batch": 2}
 
 
-def make_model(vocab, context, width, heads, layers, dtype=jnp.bfloat16, implementation=None):
+def make_model(
+    vocab, context, width, heads, layers, dtype=jnp.bfloat16, implementation=None, unroll=1
+):
     return fl.serial(
         embed=fl.embedding(vocab, width, table_init=jax.nn.initializers.normal(0.02), dtype=dtype),
         pos=fl.learned_positions(context),
@@ -50,9 +59,59 @@ def make_model(vocab, context, width, heads, layers, dtype=jnp.bfloat16, impleme
                 norm=lambda: fl.layer_norm(dtype=dtype),
             ),
             layers,
+            unroll=unroll,
         ),
         norm=fl.layer_norm(dtype=dtype),
     )
+
+
+def plain_init(key, vocab, context, width, layers):
+    """Params of the same GPT-2, hand-written in plain JAX (the floor fundl is measured against)."""
+    keys = iter(jax.random.split(key, 2 + 4 * layers))
+
+    def normal(shape):
+        return 0.02 * jax.random.normal(next(keys), shape, jnp.float32)
+
+    def norm():
+        return {"scale": jnp.ones((width,)), "bias": jnp.zeros((width,))}
+
+    blocks = [
+        {"ln1": norm(), "qkv": normal((width, 3 * width)), "qkv_b": jnp.zeros((3 * width,)),
+         "proj": normal((width, width)), "proj_b": jnp.zeros((width,)), "ln2": norm(),
+         "up": normal((width, 4 * width)), "up_b": jnp.zeros((4 * width,)),
+         "down": normal((4 * width, width)), "down_b": jnp.zeros((width,))}
+        for _ in range(layers)
+    ]  # fmt: skip
+    return {"wte": normal((vocab, width)), "wpe": normal((context, width)), "blocks": blocks,
+            "ln_f": norm()}  # fmt: skip
+
+
+def plain_apply(params, x, heads, dtype=jnp.bfloat16, implementation=None):
+    """The hand-written forward pass: ``(batch, time)`` token ids -> ``(batch, time, width)``.
+
+    The blocks are a Python loop (unrolled), q, k and v one fused projection, attention
+    ``jax.nn.dot_product_attention`` (cuDNN on a GPU), layer norm statistics in float32.
+    """
+
+    def ln(h, p):
+        hf = h.astype(jnp.float32)
+        mean = hf.mean(-1, keepdims=True)
+        var = jnp.square(hf - mean).mean(-1, keepdims=True)
+        return ((hf - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]).astype(dtype)
+
+    def lin(h, w, b):
+        return h @ w.astype(dtype) + b.astype(dtype)
+
+    b, t = x.shape
+    h = params["wte"].astype(dtype)[x] + params["wpe"][:t].astype(dtype)[None]
+    for p in params["blocks"]:
+        q, k, v = jnp.split(lin(ln(h, p["ln1"]), p["qkv"], p["qkv_b"]), 3, axis=-1)
+        q, k, v = (a.reshape(b, t, heads, -1) for a in (q, k, v))
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+        h = h + lin(o.reshape(b, t, -1), p["proj"], p["proj_b"])
+        u = jax.nn.gelu(lin(ln(h, p["ln2"]), p["up"], p["up_b"]))
+        h = h + lin(u, p["down"], p["down_b"])
+    return ln(h, params["ln_f"])
 
 
 def flops_per_token(n_params: int, layers: int, width: int, context: int) -> float:
@@ -67,29 +126,48 @@ def peak_tflops(device_kind: str) -> float | None:
     return None
 
 
-def run_benchmark(
-    cfg: dict, steps: int, peak: float | None, seed: int = 0, implementation: str | None = None
-) -> dict:
-    model = make_model(
-        cfg["vocab"],
-        cfg["context"],
-        cfg["width"],
-        cfg["heads"],
-        cfg["layers"],
-        implementation=implementation,
-    )
-    batch, t = cfg["batch"], cfg["context"]
-    ids = jax.random.randint(jax.random.key(seed), (batch, t + 1), 0, cfg["vocab"])
-    x, y = ids[:, :-1], ids[:, 1:]
+def make_loss(cfg: dict, x, seed=0, impl="fundl", implementation=None, unroll=1):
+    """``(params, loss_fn(params, x, y))`` of fundl's model or the hand-written one."""
+    if impl == "plain":
+        params = plain_init(jax.random.key(seed), cfg["vocab"], cfg["context"], cfg["width"],
+                            cfg["layers"])  # fmt: skip
+        if implementation is None and jax.default_backend() == "gpu":
+            implementation = "cudnn"
+
+        def loss_fn(params, x, y):
+            h = plain_apply(params, x, cfg["heads"], implementation=implementation)
+            logits = (h @ params["wte"].astype(h.dtype).T).astype(jnp.float32)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        return params, loss_fn
+    model = make_model(cfg["vocab"], cfg["context"], cfg["width"], cfg["heads"], cfg["layers"],
+                       implementation=implementation, unroll=unroll)  # fmt: skip
     params, state = model.init(jax.random.key(seed), x)
-    n_params = sum(int(p.size) for p in jax.tree.leaves(params))
-    optimizer = optax.adamw(3e-4, weight_decay=0.1)
-    opt_state = optimizer.init(params)
 
     def loss_fn(params, x, y):
         h, _ = model.apply(params, state, x)
         logits = fl.attend(params["embed"], h).astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    return params, loss_fn
+
+
+def run_benchmark(
+    cfg: dict,
+    steps: int,
+    peak: float | None,
+    seed: int = 0,
+    implementation: str | None = None,
+    impl: str = "fundl",
+    unroll: int = 1,
+) -> dict:
+    batch, t = cfg["batch"], cfg["context"]
+    ids = jax.random.randint(jax.random.key(seed), (batch, t + 1), 0, cfg["vocab"])
+    x, y = ids[:, :-1], ids[:, 1:]
+    params, loss_fn = make_loss(cfg, x, seed, impl, implementation, unroll)
+    n_params = sum(int(p.size) for p in jax.tree.leaves(params))
+    optimizer = optax.adamw(3e-4, weight_decay=0.1)
+    opt_state = optimizer.init(params)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, x, y):
@@ -118,7 +196,7 @@ def run_benchmark(
         "model_tflops": achieved, "peak_tflops": peak,
         "mfu": achieved / peak if peak else None,
         "first_loss": first_loss, "last_loss": float(loss),
-        "attention": implementation or "auto",
+        "attention": implementation or "auto", "impl": impl, "unroll": unroll,
     }  # fmt: skip
 
 
@@ -135,16 +213,40 @@ def main(argv: list[str] | None = None) -> dict:
         default="auto",
         help="attention kernel (default: fundl's choice)",
     )
+    parser.add_argument(
+        "--impl",
+        choices=["fundl", "plain"],
+        default="fundl",
+        help="fundl's layers or the same model hand-written in plain JAX",
+    )
+    parser.add_argument(
+        "--unroll",
+        type=int,
+        default=None,
+        help="blocks per scan iteration of fl.repeat (fundl only; default: all of them on a "
+        "GPU, 1 elsewhere)",
+    )
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        help="vocabulary size (default 50257; 50304 pads it to a multiple of 128, as nanoGPT does)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the result as JSON")
     args = parser.parse_args(argv)
     cfg = dict(TINY if args.tiny else FULL)
     if args.batch:
         cfg["batch"] = args.batch
+    if args.vocab:
+        cfg["vocab"] = args.vocab
     steps = args.steps or (2 if args.tiny else 20)
     impl = None if args.attention == "auto" else args.attention
-    result = run_benchmark(cfg, steps, args.peak_tflops, implementation=impl)
+    if args.unroll is None:  # a full unroll ran 1.3x faster on an H200 (see RESULTS.md)
+        args.unroll = cfg["layers"] if jax.default_backend() == "gpu" else 1
+    result = run_benchmark(cfg, steps, args.peak_tflops, implementation=impl, impl=args.impl,
+                           unroll=args.unroll)  # fmt: skip
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (no peak known)"
-    print(f"{result['device']} ({result['backend']}, attention {result['attention']}): "
+    print(f"{result['impl']} {result['device']} ({result['backend']}, attention "
+          f"{result['attention']}, unroll {result['unroll']}): "
           f"{result['params']:,} params, batch "
           f"{cfg['batch']} x {cfg['context']} tokens; step {1e3 * result['step_s']:.1f} ms, "
           f"{result['tokens_per_s']:,.0f} tokens/s, {result['model_tflops']:.2f} model TFLOP/s, "
