@@ -407,7 +407,9 @@ def repeat(layer: LayerLike, n: int, *, unroll: int = 1) -> Layer:
         layer: the layer (or function) to copy.
         n: the number of copies, at least 1.
         unroll: passed to ``jax.lax.scan``: copies per loop iteration (more can run faster
-            and compiles slower).
+            and compiles slower). ``unroll=n`` removes the loop (params stay stacked): on a
+            GPU that ran a GPT-2-small train step 1.3x faster (H200; XLA fuses across
+            blocks), where partial unrolls gained nothing; on a CPU the loop costs little.
 
     Returns:
         A :class:`~fundl.Layer` whose params and state are the layer's, with a leading axis

@@ -60,3 +60,24 @@ def test_gpt2_benchmark_tiny(tmp_path):
     assert (tmp_path / "gpt2.json").exists()
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("cpu") is None
     assert flops_per_token(100, 2, 8, 16) == 6 * 100 + 12 * 2 * 8 * 16
+
+
+def test_gpt2_hand_written_baseline_is_the_same_model():
+    # The benchmark's floor must be the same model: same param count, same loss at init
+    # scale (ln(vocab) for near-uniform predictions), and a full unroll of fundl's stack
+    # computes what the loop does.
+    from benchmarks.gpt2 import TINY, make_loss
+
+    cfg = dict(TINY)
+    ids = jax.random.randint(jax.random.key(1), (2, cfg["context"] + 1), 0, cfg["vocab"])
+    x, y = ids[:, :-1], ids[:, 1:]
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+        losses, sizes = {}, {}
+        for impl, unroll in [("fundl", 1), ("fundl", cfg["layers"]), ("plain", 1)]:
+            params, loss_fn = make_loss(cfg, x, impl=impl, unroll=unroll)
+            sizes[impl] = sum(p.size for p in jax.tree.leaves(params))
+            losses[impl, unroll] = float(jax.jit(loss_fn)(params, x, y))
+    assert sizes["fundl"] == sizes["plain"]
+    np.testing.assert_allclose(list(losses.values()), np.log(cfg["vocab"]), rtol=0.02)
+    # bf16 compute: the unrolled and looped stacks agree to bf16 rounding, not bitwise.
+    np.testing.assert_allclose(losses["fundl", 1], losses["fundl", cfg["layers"]], rtol=1e-3)
