@@ -689,7 +689,7 @@ def rnn(
                 y = jax.tree_util.tree_map(lambda v: _where(m, v, jnp.zeros_like(v)), y)
             return (new_c, s), y
 
-        steps = jnp.arange(time, dtype=jnp.int32)
+        steps = None if fast else jnp.arange(time, dtype=jnp.int32)  # for dropout keys
         (carry, state), ys = jax.lax.scan(
             body, (carry, state), (xs, masks, steps), reverse=reverse, unroll=unroll
         )
