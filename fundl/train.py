@@ -628,6 +628,20 @@ def _check_same_tree(expected: Any, actual: Any, what: str, where: str) -> None:
         raise ValueError(f"{what} {where} has a different tree structure: {a_def} vs {e_def}.")
 
 
+def _check_opt_state(optimizer: optax.GradientTransformation, ts: TrainState) -> None:
+    """Raises a clear error when ``ts.opt_state`` is not ``optimizer``'s state."""
+    with jax.numpy_dtype_promotion("standard"):  # optax's init, as in the step
+        expected = jax.eval_shape(optimizer.init, ts.params)
+    try:
+        _check_same_tree(expected, ts.opt_state, "the optimizer state", "of train_state")
+    except ValueError as err:
+        raise ValueError(
+            f"fit: {err} It was made by another optimizer than the one given to fit. Start "
+            f"the optimizer afresh: train_state._replace(opt_state=optimizer.init("
+            f"train_state.params))."
+        ) from None
+
+
 # --------------------------------------------------------------------------------------
 # fit
 
@@ -784,8 +798,10 @@ def fit(
     Each epoch shuffles the in-memory examples with a key derived from ``key`` (the same key
     gives the same batches), runs the jitted :func:`train_step` on each batch (``K =
     steps_per_call`` steps per dispatch inside one ``lax.scan``), evaluates ``eval_data``
-    and appends the epoch's mean metrics to the history. The last partial batch is padded
-    and masked, so every batch has one shape and nothing recompiles after the first epoch.
+    and appends the epoch's mean metrics to the history. Nothing recompiles after the first
+    epoch: the last partial batch of a stateless model is padded and masked (one shape for
+    every batch); a model with state (e.g. :func:`fundl.batch_norm`'s statistics) runs it
+    at its own size (one more shape, compiled once), so padding never enters the state.
 
     Example:
         >>> import jax, jax.numpy as jnp, numpy as np, optax, fundl as fl
@@ -801,14 +817,15 @@ def fit(
     Args:
         model: the model.
         loss: ``loss(outputs, targets)``; per-example values (optax's losses as they are) or
-            a scalar (then ``drop_remainder=True`` is needed if ``batch_size`` does not
-            divide the data).
+            a scalar (then a stateless model needs ``drop_remainder=True`` if
+            ``batch_size`` does not divide the data: a padded batch cannot be masked).
         optimizer: an optax ``GradientTransformation``.
         train_data: ``(inputs, targets)``, a tuple: arrays (NumPy or JAX) or pytrees of
             arrays with a leading example axis ``(n, ...)``; or an iterable (e.g. a list) of
             ``(inputs, targets)`` batches, iterated afresh each epoch (a list, or any object
             whose ``__iter__`` starts a new pass; a one-shot generator serves one epoch).
-            Batches must have the first batch's shape; a smaller batch is padded and masked.
+            Batches must have the first batch's shape; a smaller one is padded and masked,
+            or, for a model with state, run at its own size (each size compiles once).
         epochs: the number of epochs.
         batch_size: examples per step for in-memory data.
         key: a PRNG key for init, shuffling and dropout (or give ``seed``).
@@ -846,7 +863,9 @@ def fit(
             resumed with more ``epochs`` trains on; one a callback stopped is returned.
         mesh: a ``jax.sharding.Mesh`` for data-parallel training: each batch is split over
             the mesh axis ``data_axis`` (``batch_size`` must be a multiple of its size) and
-            params and optimizer state are replicated. The model code does not change.
+            params and optimizer state are replicated. The model code does not change. A
+            partial batch the devices do not divide is padded even for a model with state:
+            pass ``drop_remainder=True`` to keep padding out of batch statistics.
         data_axis: the mesh axis to split batches over.
         shard_params: with ``mesh``, also split params and optimizer state over
             ``data_axis`` (FSDP-style: each leaf along its first axis the device count
@@ -899,6 +918,7 @@ def fit(
     if train_state is None:
         train_state = init_train_state(model, optimizer, init_key, example)
     else:
+        _check_opt_state(optimizer, train_state)
         train_state = jax.tree_util.tree_map(jnp.copy, train_state)  # fit donates its buffers
     out_spec = jax.eval_shape(
         lambda p, s, x: model.apply(p, s, x)[0], train_state.params, train_state.state, example
@@ -914,7 +934,18 @@ def fit(
         _check_finite(e_inputs, "eval_data inputs")
         _check_finite(e_targets, "eval_data targets")
         _check_labels(out_spec, e_targets, "eval_data targets")
-    if in_memory and not drop_remainder and n % batch_size and not per_example:
+    # A model with state (batch norm's statistics) runs a partial batch at its own size, so
+    # padding never enters the statistics (one more compiled shape, made once); a stateless
+    # model pads and masks it, the same result with one shape. With a mesh, a partial batch
+    # the devices do not divide is padded either way.
+    has_state = bool(jax.tree_util.tree_leaves(train_state.state))
+    shards_of_mesh = mesh.shape.get(data_axis, 1) if mesh is not None else 1
+
+    def exact(size: int) -> bool:
+        return has_state and size % shards_of_mesh == 0
+
+    partial = in_memory and not drop_remainder and n % batch_size
+    if partial and not per_example and not exact(n % batch_size):
         raise ValueError(
             f"fit: the loss returns a scalar, so the last partial batch ({n % batch_size} of "
             f"{n} examples with batch_size={batch_size}) cannot be masked. Return per-example "
@@ -1097,12 +1128,17 @@ def fit(
             if in_memory:
                 rng = _epoch_rng(shuffle_seed, epoch)
                 idx = _epoch_plan(n, batch_size, drop_remainder, shuffle, rng)
+                exact_tail = partial and exact(n % batch_size)
+                blocks_end = steps_per_epoch - 1 if exact_tail else steps_per_epoch
                 while pos < steps_per_epoch:
-                    k = steps_per_call if pos + steps_per_call <= steps_per_epoch else 1
+                    k = steps_per_call if pos + steps_per_call <= blocks_end else 1
                     if k > 1:
                         ts, acc = step_many((ts, acc), device_data, idx[pos : pos + k])
                     else:
-                        ts, acc = step_one((ts, acc), device_data, idx[pos])
+                        row = idx[pos]
+                        if exact_tail and pos == steps_per_epoch - 1:
+                            row = row[row >= 0]  # the partial batch, at its own size
+                        ts, acc = step_one((ts, acc), device_data, row)
                     pos += k
                     after_call(ts, acc, k, epoch, pos)
             else:
@@ -1126,13 +1162,14 @@ def fit(
                         _check_finite(x, "train_data inputs", where)
                         _check_finite(y, "train_data targets", where)
                         _check_labels(out_spec, y, "train_data targets", where)
-                    if bs < first_spec[1] and not per_example:
+                    own_size = bs < first_spec[1] and exact(bs)
+                    if bs < first_spec[1] and not per_example and not own_size:
                         raise ValueError(
                             f"fit: batch {i} of epoch {epoch} is smaller than the first ({bs} < "
                             f"{first_spec[1]}) and the loss returns a scalar, so it cannot be "
                             f"padded and masked. Return per-example losses."
                         )
-                    padded = _pad_batch((x, y), first_spec[1])
+                    padded = _pad_batch((x, y), bs if own_size else first_spec[1])
                     ts, acc = step_direct((ts, acc), *_place(padded, batch_sharding))
                     pos = i + 1
                     after_call(ts, acc, 1, epoch, pos)

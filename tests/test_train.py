@@ -405,3 +405,41 @@ def test_loss_scale_by_a_power_of_two_matches_unscaled_training():
     a, _ = _fit()
     b, _ = _fit(loss_scale=1024.0)
     fl.testing.assert_trees_close(a.params, b.params, atol=1e-7, rtol=1e-6, what="params")
+
+
+def test_partial_batch_of_a_model_with_state_runs_at_its_own_size():
+    # Padding must never enter batch norm's statistics: after 3 epochs of batches of sizes
+    # (4, 4, 2) the running mean is the NumPy recurrence over the real batches only.
+    rng = np.random.default_rng(3)
+    x = rng.normal(2.0, 1.0, size=(10, 1)).astype(np.float32)
+    y = np.zeros((10, 1), np.float32)
+
+    def loss(out, t):
+        return jnp.mean((out - t) ** 2, axis=-1)
+
+    expected = 0.0
+    for _ in range(3):
+        for batch in (x[:4], x[4:8], x[8:]):
+            expected = 0.9 * expected + 0.1 * float(np.mean(batch))
+    model = fl.batch_norm(momentum=0.9)
+    batches = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]
+    for data in ((x, y), batches):
+        seen = []
+        with count_compiles() as compiles:
+            ts, _ = fl.fit(model, loss, optax.sgd(0.0), data, epochs=3, batch_size=4,
+                           shuffle=False, progress=False,
+                           callbacks=[lambda *_, s=seen, c=compiles: s.append(len(c))])  # fmt: skip
+        assert seen[1:] == [seen[0]] * 2, f"recompiled after epoch 1: {seen}"
+        np.testing.assert_allclose(np.asarray(ts.state.mean), [expected], rtol=1e-5)
+
+
+def test_fit_names_an_optimizer_state_from_another_optimizer():
+    x, y = _data(16)
+    model = fl.serial(body=fl.dense(4), head=fl.dense(3))
+    frozen = fl.freeze(optax.adam(1e-3), {"body": False, "head": True})
+    ts = fl.init_train_state(model, frozen, jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"fit: the optimizer state of train_state has a "
+                       r"different tree: missing \['\[0\]\.count'.*It was made by another "
+                       r"optimizer than the one given to fit\. Start the optimizer afresh: "
+                       r"train_state\._replace\(opt_state=optimizer\.init\("):  # fmt: skip
+        fl.fit(model, xent, optax.adam(1e-3), (x, y), epochs=1, train_state=ts, progress=False)
