@@ -92,6 +92,8 @@ class Layer(NamedTuple):
         >>> y, state = layer.apply(params, state, jnp.ones((2, 4)))
         >>> y.shape
         (2, 3)
+        >>> fl.serial(body=fl.dense(8), head=fl.dense(3))
+        Layer(serial(body=dense(8), head=dense(3)))
 
     Attributes:
         init: an :class:`InitFn`.
@@ -110,6 +112,22 @@ class Layer(NamedTuple):
     def children(self) -> tuple[tuple[str, Layer], ...]:
         """``(path_segment, layer)`` pairs of the layers a combinator holds (else ``()``)."""
         return getattr(self.apply, "_fundl_children", ())
+
+    def __repr__(self) -> str:
+        return f"Layer({_describe(self)})"
+
+
+def _describe(layer: Layer) -> str:
+    """``dense(8)``, or for a combinator its children: ``serial(body=dense(8), head=...)``."""
+    name = layer_name(layer)
+    if "(" in name or not layer.children:
+        return name
+    parts = []
+    for segment, child in layer.children:
+        key = segment[segment.rfind("[") + 1 : -1] if segment.endswith("]") else ""
+        prefix = "" if key.isdigit() or not key else f"{key}="
+        parts.append(prefix + _describe(child))
+    return f"{name}({', '.join(parts)})"
 
 
 def named(layer: Layer, name: str, children: tuple[tuple[str, Layer], ...] = ()) -> Layer:
