@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -125,8 +126,6 @@ def compiled_memory_bytes(compiled) -> int | None:
 
 def missing(module: str) -> bool:
     """Whether ``module`` cannot be imported (a peer that is not installed)."""
-    import importlib.util
-
     return importlib.util.find_spec(module) is None
 
 
@@ -223,8 +222,9 @@ def format_table(results: list[CaseResult]) -> str:
                 f"{_mib(t.memory_bytes):>10}"
             )
         if res.peak_memory_bytes is not None:
-            lines.append(f"  peak memory ({res.memory_source}): {_mib(res.peak_memory_bytes)}, "
-                         f"+{_mib(res.peak_memory_growth_bytes)} in this case")  # fmt: skip
+            peak, growth = _mib(res.peak_memory_bytes), _mib(res.peak_memory_growth_bytes)
+            lines.append(f"  peak memory ({res.memory_source}): {peak}; this case raised it by "
+                         f"{growth}")  # fmt: skip
         lines.extend(f"  note: {n}" for n in res.notes)
     return "\n".join(lines)
 
