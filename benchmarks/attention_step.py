@@ -1,24 +1,20 @@
-"""Causal self-attention train step, and compile time of deep stacks (repeat vs unrolled).
+"""Causal self-attention train step: fundl vs hand-written attention and the peers' layers.
 
     python -m benchmarks --suite attention      # or: python -m benchmarks.attention_step
 
-1. One causal self-attention layer (batch 8, 256 positions, width 256, 8 heads): forward,
-   mean-squared error, grad, adam update; params and optimizer state donated. Baseline: the
-   same computation hand-written with ``jax.nn.dot_product_attention`` (its XLA path); also
-   hand-written explicit softmax, fundl (its default kernel for this backend and dtype), and
-   Flax linen's, Flax NNX's and Equinox's attention layers when installed. All start from the
-   same weights and their first losses are compared before timing. Target: fundl <= 1.0x
-   the fastest implementation of the run.
-2. Compile time (trace + XLA compile) of a train step through ``repeat(decoder_block, n)``
-   for n = 1, 24 and 2 and through 24 blocks unrolled by ``serial``. Target: repeat(24) /
-   repeat(1) <= 2. (XLA removes a loop of one trip, so repeat(1) is straight-line code and
-   cheaper to compile than any real loop; repeat(24) / repeat(2) shows the growth with depth.)
+One causal self-attention layer (batch 8, 256 positions, width 256, 8 heads): forward,
+mean-squared error, grad, adam update; params and optimizer state donated. Baseline: the
+same computation hand-written with ``jax.nn.dot_product_attention`` (its XLA path); also
+hand-written explicit softmax, fundl (its default kernel for this backend and dtype), and
+Flax linen's, Flax NNX's and Equinox's attention layers when installed. All start from the
+same weights and their first losses are compared before timing. Target: fundl <= 1.0x
+the fastest implementation of the run.
+
+The compile time of deep stacks and a whole decoder block's train step are in
+``benchmarks.transformer_step`` (``--suite transformer``).
 """
 
 from __future__ import annotations
-
-import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +22,7 @@ import numpy as np
 import optax
 
 import fundl as fl
-from benchmarks.harness import CaseResult, Timing, chained, make_step, measure
+from benchmarks.harness import CaseResult, make_step, measure_train_steps, missing, note_vs_fastest
 
 BATCH, TIME, WIDTH, HEADS = 8, 256, 256, 8
 
@@ -114,7 +110,7 @@ def implementations(weights, x, heads):
 
         impls["flax nnx"] = (nnx_loss, nstate)
     except ImportError:
-        notes.append("flax not installed: flax linen and nnx skipped")
+        notes.append("flax not installed: flax linen and nnx skipped (pip install -e '.[bench]')")
     try:
         import equinox as eqx
 
@@ -135,16 +131,12 @@ def implementations(weights, x, heads):
 
         impls["equinox"] = (eqx_loss, params)
     except ImportError:
-        notes.append("equinox not installed: equinox skipped")
-    notes.append("keras not installed here: keras skipped" if _missing("keras") else
-                 "keras 3 attention not wired in (different backend setup)")  # fmt: skip
+        notes.append("equinox not installed: equinox skipped (pip install -e '.[bench]')")
+    if missing("keras"):
+        notes.append("keras not installed: keras skipped (pip install -e '.[bench]')")
+    else:
+        notes.append("keras 3 attention not wired in (different backend setup)")
     return impls, notes
-
-
-def _missing(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is None
 
 
 def attention_case(quick: bool) -> CaseResult:
@@ -158,78 +150,20 @@ def attention_case(quick: bool) -> CaseResult:
     weights = jax.tree.map(lambda w: w + 0.01, weights)  # non-zero biases
     opt = optax.adam(1e-3)
     impls, notes = implementations(weights, x, heads)
-    steps = 1 if quick else 3
-    runs, first, compile_s = {}, {}, {}
-    for name, (loss, params) in impls.items():
-        step = make_step(loss, opt)
-        params = jax.tree.map(jnp.array, params)  # own copy: steps donate it
-        carry = (params, opt.init(params), jnp.zeros(()))
-        t0 = time.perf_counter()
-        carry = jax.block_until_ready(step(*carry, x, target))
-        compile_s[name] = time.perf_counter() - t0
-        first[name] = float(carry[2])
-        runs[name] = chained(step, carry, x, target, steps)
-    base = first["jax.nn.dot_product_attention"]
-    for name, value in first.items():
-        if not np.isclose(value, base, rtol=1e-4):
-            raise RuntimeError(f"{name} computes a different loss: {value} vs {base}")
-    res = measure(f"causal self-attention train step, batch {batch}, {time_} positions, "
-                  f"width {width}, {heads} heads", runs, rounds=2 if quick else 15,
-                  unit=f"{steps} steps")  # fmt: skip
-    for t in res.timings:
-        t.compile_s = compile_s[t.name]
-    fastest = min(res.timings, key=lambda t: t.median_s)
-    fundl_t = next(t for t in res.timings if t.name == "fundl")
-    ratio = fundl_t.median_s / fastest.median_s
+    impls = {name: (make_step(loss, opt), params) for name, (loss, params) in impls.items()}
+    res = measure_train_steps(f"causal self-attention train step, batch {batch}, {time_} "
+                              f"positions, width {width}, {heads} heads", impls, opt, x, target,
+                              1 if quick else 3, 2 if quick else 15)  # fmt: skip
     kernel = fl.attention._choose(None, jnp.float32, width // heads, False, False, False)
-    res.notes.append(f"fundl / fastest ({fastest.name}) = {ratio:.3f} (target <= 1.0); "
-                     f"fundl's kernel on {jax.default_backend()} float32: {kernel}")  # fmt: skip
+    res.notes.append(f"{note_vs_fastest(res)}; fundl's kernel on {jax.default_backend()} "
+                     f"float32: {kernel}")  # fmt: skip
     res.notes.extend(notes)
     return res
 
 
-def compile_case(quick: bool) -> CaseResult:
-    depth = 3 if quick else 24
-    width, heads, batch, t = (32, 2, 1, 8) if quick else (128, 4, 2, 64)
-    x = jnp.zeros((batch, t, width))
-    opt = optax.adam(1e-3)
-    block = fl.decoder_block(width, heads)
-    models = {"repeat(block, 1)": fl.repeat(block, 1),
-              f"repeat(block, {depth})": fl.repeat(block, depth),
-              f"serial of {depth} blocks (unrolled)": fl.serial(*[block] * depth),
-              "repeat(block, 2)": fl.repeat(block, 2)}  # fmt: skip
-    timings = []
-    for name, model in models.items():
-        params, state = model.init(jax.random.key(0), x)
-        opt_state = opt.init(params)
-
-        def loss(p, x, y, model=model, state=state):
-            return _mse(model.apply(p, state, x)[0], y)
-
-        samples = []
-        for _ in range(1 if quick else 3):
-            step = make_step(functools.partial(loss), opt)  # a new function: no cache hit
-            t0 = time.perf_counter()
-            step.lower(params, opt_state, jnp.zeros(()), x, x).compile()
-            samples.append(time.perf_counter() - t0)
-        med = float(np.median(samples))
-        timings.append(Timing(name, med, med, float(np.ptp(samples)), samples=samples))
-    for tm in timings:
-        tm.ratio = tm.median_s / timings[0].median_s
-    res = CaseResult(f"compile time of a train step, decoder blocks width {width}", "compile",
-                     timings)  # fmt: skip
-    res.notes.append(f"repeat({depth}) / repeat(1) = {timings[1].ratio:.2f} (target <= 2); "
-                     f"unrolled / repeat(1) = {timings[2].ratio:.2f}")  # fmt: skip
-    per_two = timings[1].median_s / timings[3].median_s
-    res.notes.append(f"repeat({depth}) / repeat(2) = {per_two:.2f}: XLA drops a loop of one "
-                     "trip, so repeat(1) compiles as straight-line code; from 2 copies on, "
-                     "the compile time does not grow with depth")  # fmt: skip
-    return res
-
-
 def run(quick: bool = False) -> list[CaseResult]:
-    """The attention train-step case and the compile-time case."""
-    return [attention_case(quick), compile_case(quick)]
+    """The attention train-step case (the deep-stack compile case is in the transformer suite)."""
+    return [attention_case(quick)]
 
 
 if __name__ == "__main__":

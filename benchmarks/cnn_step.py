@@ -7,9 +7,10 @@ conv 5x5 (6, SAME) -> relu -> avg_pool 2x2 -> conv 5x5 (16, VALID) -> relu -> av
 2x2 -> flatten -> dense 120 -> relu -> dense 84 -> relu -> dense 10. The step (forward,
 softmax cross-entropy, grad, optax adam update; params and optimizer state donated) is
 written in fundl, by hand in plain JAX (``lax.conv_general_dilated`` and
-``lax.reduce_window``), in stax, and in Flax linen when installed. Every implementation
-starts from the same weights and their first losses are compared before timing. Target:
-fundl / plain JAX <= 1.02 at both sizes.
+``lax.reduce_window``), in stax, and in Flax linen, Flax NNX (its documented ``nnx.jit``
+step, see ``benchmarks.mlp_step``) and Haiku when installed. Every implementation starts from
+the same weights and their first losses are compared before timing. Target: fundl / plain
+JAX <= 1.02 at both sizes. ``--quick`` runs batch 8 only, few rounds (a smoke run).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from jax import lax
 
 import fundl as fl
 from benchmarks.harness import CaseResult, make_step, measure_train_steps
-from benchmarks.mlp_step import _ce
+from benchmarks.mlp_step import _ce, nnx_train_step
 
 CONV_SHAPES = [(5, 5, 1, 6), (5, 5, 6, 16)]
 DENSE_SHAPES = [(400, 120), (120, 84), (84, 10)]
@@ -113,18 +114,68 @@ def implementations(convs, denses) -> tuple[dict[str, tuple[Callable, object]], 
         )
         impls["flax linen"] = (make_step(lambda p, x, y: _ce(linen.apply(p, x), y), opt), lp)
     except ImportError:
-        notes.append("flax not installed: flax linen skipped (pip install flax)")
+        notes.append("flax not installed: flax linen skipped (pip install -e '.[bench]')")
+
+    try:
+        impls["flax nnx"] = _nnx_step(convs, denses, opt)
+    except ImportError:
+        notes.append("flax not installed: flax nnx skipped (pip install -e '.[bench]')")
+
+    try:
+        import haiku as hk
+
+        def pool(x):
+            return hk.avg_pool(x, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+        def hk_forward(x):
+            x = pool(jax.nn.relu(hk.Conv2D(6, 5, padding="SAME")(x)))
+            x = pool(jax.nn.relu(hk.Conv2D(16, 5, padding="VALID")(x)))
+            x = x.reshape(x.shape[0], -1)
+            x = jax.nn.relu(hk.Linear(120)(x))
+            x = jax.nn.relu(hk.Linear(84)(x))
+            return hk.Linear(10)(x)
+
+        hk_model = hk.without_apply_rng(hk.transform(hk_forward))
+        names = ["conv2_d", "conv2_d_1", "linear", "linear_1", "linear_2"]
+        hp = {n: {"w": w, "b": b} for n, (w, b) in zip(names, [*convs, *denses], strict=True)}
+        impls["haiku"] = (make_step(lambda p, x, y: _ce(hk_model.apply(p, x), y), opt), hp)
+    except ImportError:
+        notes.append("dm-haiku not installed: haiku skipped (pip install -e '.[bench]')")
     return impls, notes
 
 
+def _nnx_step(convs, denses, opt):
+    from flax import nnx
+
+    class LeNet(nnx.Module):
+        def __init__(self, rngs):
+            self.conv1 = nnx.Conv(1, 6, (5, 5), padding="SAME", rngs=rngs)
+            self.conv2 = nnx.Conv(6, 16, (5, 5), padding="VALID", rngs=rngs)
+            self.dense = nnx.List([nnx.Linear(*w.shape, rngs=rngs) for w, _ in denses])
+
+        def __call__(self, x):
+            x = nnx.avg_pool(nnx.relu(self.conv1(x)), (2, 2), (2, 2))
+            x = nnx.avg_pool(nnx.relu(self.conv2(x)), (2, 2), (2, 2))
+            x = x.reshape(x.shape[0], -1)
+            for layer in self.dense[:-1]:
+                x = nnx.relu(layer(x))
+            return self.dense[-1](x)
+
+    model = LeNet(nnx.Rngs(0))
+    for layer, (w, b) in zip([model.conv1, model.conv2, *model.dense], [*convs, *denses],
+                             strict=True):  # fmt: skip
+        layer.kernel[...], layer.bias[...] = w, b
+    return nnx_train_step(model, opt, lambda m, x, y: _ce(m(x), y))
+
+
 def run(quick: bool = False, batches: tuple[int, ...] = (8, 128)) -> list[CaseResult]:
-    """Runs the CNN cases; ``quick`` uses few rounds and steps (a smoke run, not a measure)."""
+    """Runs the CNN cases; ``quick`` runs the first batch size only, few rounds and steps."""
     rng = np.random.default_rng(0)
     init = jax.nn.initializers.glorot_uniform()
     keys = jax.random.split(jax.random.key(0), 5)
     opt = optax.adam(1e-3)
     results = []
-    for batch in batches:
+    for batch in batches[:1] if quick else batches:
         x = jnp.asarray(rng.standard_normal((batch, 28, 28, 1)), jnp.float32)
         y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
         convs = [(init(k, s), jnp.zeros(s[-1])) for k, s in zip(keys[:2], CONV_SHAPES, strict=True)]

@@ -1,33 +1,36 @@
-"""Benchmark of the training loop: ``fl.fit`` against hand-written JAX loops (and Keras 3).
+"""The training loop: ``fl.fit`` against hand-written JAX loops (and Keras 3's ``fit``).
+
+    python -m benchmarks --suite fit          # or: python -m benchmarks.fit_bench [--quick]
 
 The seed MLP (flatten, dense 128, relu, dense 64, relu, dense 10; adam 1e-3) on the digits
 training split (1,438 examples), batch 32, 20 epochs, shuffled each epoch: 45 steps per epoch
 (44 full batches and one of 30). Implementations, all in this one process:
 
-- ``plain JAX, step``: a jitted step per batch, batches gathered with NumPy (the last partial
-  batch is a second shape, compiled once);
+- ``plain JAX, step`` (the baseline): a jitted, donating step per batch, batches gathered with
+  NumPy (the last partial batch is a second shape, compiled once);
 - ``plain JAX, scan``: one jitted ``lax.scan`` over the epoch's 44 full batches, then the
   partial batch as one step;
-- ``fl.fit K=1`` and ``fl.fit K=9`` / ``K=45`` (``steps_per_call``);
+- ``fl.fit K=1``, ``fl.fit K=9`` and ``fl.fit K=45`` (``steps_per_call``);
 - ``Keras 3 (jax)``: ``model.fit`` with the same model, data and batch size, when Keras is
-  installed.
+  installed (``pip install -e '.[bench]'``; the JAX backend is selected unless
+  ``KERAS_BACKEND`` says otherwise).
 
-For each: total wall time of the 20 epochs including compilation (a fresh function each
-repeat, so every repeat compiles), and the steady time per epoch (median over epochs 2-20).
-Each implementation runs ``--repeats`` times, interleaved; the best of the repeats is
-reported (other load on a shared machine only adds time), with the ratios the issue sets as
-targets. Timings on a shared machine are noisy.
+Two cases: the steady time per epoch (the median over epochs 2-20 of one run) and the total
+wall time of the 20 epochs including compilation (a fresh function each run, so every run
+compiles); the "compile" column is the first epoch, compilation included. Each
+implementation runs ``repeats`` times (5), interleaved in rotating order; the tables give the
+median of the repeats and its spread, and the notes the ratios that issue 4 sets as targets:
+fit K=1 / plain step <= 1.05, plain step / fit K=45 >= 3, Keras / fit K=45 per epoch >= 4,
+fit K=45 total / Keras total <= 1/3. Without Keras, the notes compare with the Keras figures
+quoted in issue 4 (14 ms per epoch, 1.65 s in all), labelled as quoted, not measured.
 
-    PYTHONPATH=. python benchmarks/fit_bench.py [--repeats 5] [--verbose] [--epochs 20]
-
-Keras is not a fundl dependency; to include it without touching the environment:
-``python -m venv --system-site-packages /tmp/kvenv && /tmp/kvenv/bin/pip install keras``,
-then run this script with ``KERAS_BACKEND=jax /tmp/kvenv/bin/python``.
+``--quick`` (a smoke run, not a measurement): 280 examples (9 steps, the last partial), 3
+epochs, K = 1, 3 and 9, one repeat.
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import statistics
 import time
 
@@ -37,8 +40,12 @@ import numpy as np
 import optax
 
 import fundl as fl
+from benchmarks.harness import CaseResult, Timing, iqr, memory_high_water, record_memory, set_ratios
 
 BATCH = 32
+QUICK_EXAMPLES = 280
+KERAS_QUOTED = {"epoch_s": 14e-3, "total_s": 1.65, "epochs": 20}
+"""Keras 3's figures quoted in issue 4 (its author's machine, 20 epochs): not measured here."""
 
 
 def _model():
@@ -55,12 +62,13 @@ def _xent(logits, y):
 
 
 def run_fit(x, y, epochs, k):
+    """``fl.fit`` with ``steps_per_call=k``: ``(start, [end of each epoch])``, perf_counter."""
     stamps = []
     t0 = time.perf_counter()
     fl.fit(_model(), _xent, optax.adam(1e-3), (x, y), epochs=epochs, batch_size=BATCH, seed=0,
            steps_per_call=k, progress=False,
            callbacks=[lambda e, logs, ts: stamps.append(time.perf_counter())])  # fmt: skip
-    return time.perf_counter() - t0, np.diff(stamps)
+    return t0, stamps
 
 
 def _plain_setup(x):
@@ -83,6 +91,7 @@ def _plain_setup(x):
 
 
 def run_plain_step(x, y, epochs):
+    """A hand-written loop, one jitted step per batch: ``(start, [end of each epoch])``."""
     t0 = time.perf_counter()
     carry, step = _plain_setup(x)
     step = jax.jit(step, donate_argnums=0)
@@ -97,10 +106,11 @@ def run_plain_step(x, y, epochs):
             losses.append(loss)
         float(jnp.mean(jnp.stack(losses)))  # the epoch's mean loss, as fit reports it
         stamps.append(time.perf_counter())
-    return time.perf_counter() - t0, np.diff(stamps)
+    return t0, stamps
 
 
 def run_plain_scan(x, y, epochs):
+    """A hand-written loop, one jitted ``lax.scan`` per epoch: ``(start, [end of each epoch])``."""
     t0 = time.perf_counter()
     carry, step = _plain_setup(x)
     xd, yd = jnp.asarray(x), jnp.asarray(y)
@@ -120,14 +130,13 @@ def run_plain_scan(x, y, epochs):
         carry, losses = epoch_fn(carry, jnp.asarray(rng.permutation(len(x))))
         float(jnp.mean(losses))
         stamps.append(time.perf_counter())
-    return time.perf_counter() - t0, np.diff(stamps)
+    return t0, stamps
 
 
 def run_keras(x, y, epochs):
+    """Keras 3's ``model.fit`` on the same model: ``(start, [end of each epoch])``."""
     import keras
 
-    if keras.backend.backend() != "jax":
-        raise ImportError("set KERAS_BACKEND=jax")
     stamps = []
 
     class Stamp(keras.callbacks.Callback):
@@ -136,7 +145,7 @@ def run_keras(x, y, epochs):
 
     t0 = time.perf_counter()
     model = keras.Sequential([
-        keras.Input((8, 8)),
+        keras.Input(x.shape[1:]),
         keras.layers.Flatten(),
         keras.layers.Dense(128, activation="relu"),
         keras.layers.Dense(64, activation="relu"),
@@ -145,82 +154,105 @@ def run_keras(x, y, epochs):
     model.compile(keras.optimizers.Adam(1e-3),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # fmt: skip
     model.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0, callbacks=[Stamp()])
-    return time.perf_counter() - t0, np.diff(stamps)
+    return t0, stamps
 
 
-def main(
-    repeats: int = 5, epochs: int = 20, verbose: bool = False
-) -> dict[str, tuple[float, float]]:
+def _keras_available() -> str | None:
+    """``None`` if Keras 3 runs on JAX here, else why not (for the skip note)."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    try:
+        import keras
+    except ImportError as err:
+        return f"Keras 3 not installed ({err}): its case is skipped (pip install -e '.[bench]')"
+    if keras.backend.backend() != "jax":
+        return f"Keras runs on {keras.backend.backend()}, not JAX: its case is skipped"
+    return None
+
+
+def run(quick: bool = False, repeats: int | None = None, epochs: int | None = None):
+    """The two training-loop cases (steady epoch, total incl. compilation), ``CaseResult``s."""
+    before, _ = memory_high_water()
     (x, y), _ = fl.datasets.digits_split()
+    if quick:
+        x, y = x[:QUICK_EXAMPLES], y[:QUICK_EXAMPLES]
+    epochs = epochs or (3 if quick else 20)
+    repeats = repeats or (1 if quick else 5)
     steps = -(-len(x) // BATCH)
+    mid = 3 if quick else 9
+    big = f"fl.fit K={steps}"
     impls = {
         "plain JAX, step": lambda: run_plain_step(x, y, epochs),
         "plain JAX, scan": lambda: run_plain_scan(x, y, epochs),
         "fl.fit K=1": lambda: run_fit(x, y, epochs, 1),
-        "fl.fit K=9": lambda: run_fit(x, y, epochs, 9),
-        f"fl.fit K={steps}": lambda: run_fit(x, y, epochs, steps),
+        f"fl.fit K={mid}": lambda: run_fit(x, y, epochs, mid),
+        big: lambda: run_fit(x, y, epochs, steps),
     }
-    notes = []
-    try:
-        import os
-
-        os.environ.setdefault("KERAS_BACKEND", "jax")
-        import keras  # noqa: F401
-
+    keras_missing = _keras_available()
+    if keras_missing is None:
         impls["Keras 3 (jax)"] = lambda: run_keras(x, y, epochs)
-    except ImportError:
-        notes.append("Keras 3 is not installed: its case is skipped (pip install keras).")
-    totals: dict[str, list[float]] = {k: [] for k in impls}
-    epoch_s: dict[str, list[float]] = {k: [] for k in impls}
+    names = list(impls)
+    totals, steady, first, cpu = ({n: [] for n in names} for _ in range(4))
     for r in range(repeats):
-        names = list(impls)
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            total, per_epoch = impls[name]()
-            totals[name].append(total)
-            epoch_s[name].append(float(np.median(per_epoch)))
-    # The best (lowest) of the repeats: other processes on a shared machine only ever add time.
-    result = {k: (min(totals[k]), min(epoch_s[k])) for k in impls}
-    print(f"digits MLP, batch {BATCH}, {epochs} epochs ({steps} steps each), best of "
-          f"{repeats}; {jax.devices()[0].platform}, jax {jax.__version__}")  # fmt: skip
-    print(f"{'implementation':<20} {'ms/epoch (steady)':>18} {'total s (incl. compile)':>24}")
-    for name, (total, per) in result.items():
-        print(f"{name:<20} {per * 1e3:>18.2f} {total:>24.2f}")
-        if verbose:
-            print(f"{'':<20} median {statistics.median(epoch_s[name]) * 1e3:>11.2f} "
-                  f"{statistics.median(totals[name]):>24.2f}")  # fmt: skip
-    step_ms = result["plain JAX, step"][1]
-    big = f"fl.fit K={steps}"
-    print("\nratios (targets from issue 4):")
-    print(f"  fit K=1 / plain step loop:      {result['fl.fit K=1'][1] / step_ms:.2f}  "
-          f"(target <= 1.05)")  # fmt: skip
-    print(f"  plain step loop / fit K={steps}:   {step_ms / result[big][1]:.2f}  "
-          f"(target >= 3)")  # fmt: skip
-    print(f"  plain step loop / fit K=9:      {step_ms / result['fl.fit K=9'][1]:.2f}")
-    print(
-        f"  fit K={steps} / plain scan loop:   {result[big][1] / result['plain JAX, scan'][1]:.2f}"
-    )
-    if "Keras 3 (jax)" in result:
-        k_total, k_epoch = result["Keras 3 (jax)"]
-        print(f"  Keras epoch / fit K={steps} epoch: {k_epoch / result[big][1]:.2f} (target >= 4)")
-        print(
-            f"  fit K={steps} total / Keras total: {result[big][0] / k_total:.2f} (target <= 0.33)"
-        )
+            c0 = time.process_time()
+            t0, stamps = impls[name]()
+            cpu[name].append(time.process_time() - c0)
+            totals[name].append(stamps[-1] - t0)
+            first[name].append(stamps[0] - t0)
+            steady[name].append(float(np.median(np.diff(stamps))))
+    what = f"training loop, digits MLP, batch {BATCH}, {len(x)} examples ({steps} steps/epoch)"
+    cases = []
+    for label, unit, table in (("steady time per epoch", "epoch", steady),
+                               (f"total time of {epochs} epochs incl. compilation",
+                                f"{epochs} epochs", totals)):  # fmt: skip
+        timings = [
+            Timing(n, statistics.median(first[n]), statistics.median(table[n]), iqr(table[n]),
+                   samples=sorted(table[n]),
+                   cpu_median_s=statistics.median(cpu[n]) if table is totals else float("nan"))
+            for n in names
+        ]  # fmt: skip
+        set_ratios(timings)
+        res = CaseResult(f"{what}: {label}", unit, timings)
+        res.notes.append("compile = the first epoch, compilation included; median of "
+                         f"{repeats} interleaved repeat(s)")  # fmt: skip
+        cases.append(record_memory(res, before))
+    epoch_case, total_case = cases
+    e = {n: statistics.median(steady[n]) for n in names}
+    t = {n: statistics.median(totals[n]) for n in names}
+    step = e["plain JAX, step"]
+    epoch_case.notes += [
+        f"fit K=1 / plain step loop = {e['fl.fit K=1'] / step:.2f} (issue 4 target <= 1.05)",
+        f"plain step loop / fit K={steps} = {step / e[big]:.2f} (issue 4 target >= 3); "
+        f"plain step loop / fit K={mid} = {step / e[f'fl.fit K={mid}']:.2f}",
+        f"fit K={steps} / plain scan loop = {e[big] / e['plain JAX, scan']:.2f}",
+    ]
+    if keras_missing is None:
+        ke, kt = e["Keras 3 (jax)"] / e[big], t[big] / t["Keras 3 (jax)"]
+        epoch_case.notes.append(f"Keras epoch / fit K={steps} epoch = {ke:.2f} (target >= 4)")
+        total_case.notes.append(f"fit K={steps} total / Keras total = {kt:.2f} (target <= 1/3)")
+    elif not quick and epochs == KERAS_QUOTED["epochs"]:
+        quoted = f"{keras_missing}; QUOTED from issue 4 (its author's machine), not measured: "
+        ke, kt = KERAS_QUOTED["epoch_s"] / e[big], t[big] / KERAS_QUOTED["total_s"]
+        epoch_case.notes.append(f"{quoted}Keras 14 ms/epoch / fit K={steps} epoch = {ke:.2f} "
+                                "(target >= 4)")  # fmt: skip
+        total_case.notes.append(f"{quoted}fit K={steps} total / Keras 1.65 s = {kt:.2f} "
+                                "(target <= 1/3)")  # fmt: skip
     else:
-        # The issue's orientation numbers for Keras 3 on this machine: 14 ms/epoch steady,
-        # 1.65 s for the 20 epochs including compilation.
-        print(f"  (Keras, from the issue) 14 ms / fit K={steps} epoch: "
-              f"{14e-3 / result[big][1]:.2f} (target >= 4)")  # fmt: skip
-        print(f"  fit K={steps} total / 1.65 s (Keras, from the issue): "
-              f"{result[big][0] / 1.65:.2f} (target <= 0.33)")  # fmt: skip
-    for note in notes:
-        print("note:", note)
-    return result
+        for res in cases:
+            res.notes.append(f"{keras_missing}; the issue's quoted Keras figures are for 20 "
+                             "epochs of the full split, not compared in this run")  # fmt: skip
+    return cases
 
 
 if __name__ == "__main__":
+    import argparse
+
+    from benchmarks.harness import environment, format_table
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--repeats", type=int, help="interleaved repeats (default 5)")
+    parser.add_argument("--epochs", type=int, help="epochs per run (default 20)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run on a small subset")
     args = parser.parse_args()
-    main(args.repeats, args.epochs, args.verbose)
+    print(", ".join(f"{k}={v}" for k, v in environment().items()))
+    print(format_table(run(args.quick, args.repeats, args.epochs)))

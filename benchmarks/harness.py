@@ -6,18 +6,29 @@ zero-argument ``run()`` that performs a fixed amount of work and blocks until it
 runs ``rounds`` rounds; in each round every implementation runs once, in a rotating order, so
 machine drift hits all alike. It reports the median and spread per implementation and the
 ratio of medians to the baseline (the first implementation, plain JAX).
+
+Memory is reported two ways. Per implementation, where its work is one jitted function: XLA's
+own account of that function compiled (arguments + outputs + temporaries - donated buffers,
+:func:`xla_memory_bytes`), the same on every backend and free of noise. Per case: the
+process's high-water mark (:func:`memory_high_water`), the device's ``peak_bytes_in_use``
+where the backend keeps memory statistics (GPU, TPU) and else the process's peak resident
+set size, with how much the case raised it.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +38,13 @@ import optax
 
 @dataclass
 class Timing:
-    """The timings of one implementation in one case (seconds per ``run()`` call)."""
+    """The timings of one implementation in one case (seconds per ``run()`` call).
+
+    ``cpu_median_s`` is the median process CPU time per call (all threads: on a busy
+    shared machine it moves less than wall time); ``memory_bytes`` is XLA's memory
+    account of the implementation's compiled function (:func:`xla_memory_bytes`), or
+    ``None`` where its work is not one jitted function.
+    """
 
     name: str
     compile_s: float
@@ -35,16 +52,93 @@ class Timing:
     iqr_s: float
     ratio: float = float("nan")
     samples: list[float] = field(default_factory=list)
+    cpu_median_s: float = float("nan")
+    memory_bytes: int | None = None
 
 
 @dataclass
 class CaseResult:
-    """All implementations of one case, baseline first."""
+    """All implementations of one case, baseline first.
+
+    ``peak_memory_bytes`` is the process's high-water mark after the case and
+    ``peak_memory_growth_bytes`` how much the case raised it, as measured by
+    ``memory_source`` (see :func:`memory_high_water`).
+    """
 
     case: str
     unit: str
     timings: list[Timing]
     notes: list[str] = field(default_factory=list)
+    peak_memory_bytes: int | None = None
+    peak_memory_growth_bytes: int | None = None
+    memory_source: str = ""
+
+
+def memory_high_water() -> tuple[int | None, str]:
+    """The process's peak memory so far, in bytes, and what measured it.
+
+    The first device's ``peak_bytes_in_use`` where the backend keeps memory statistics (GPU,
+    TPU); else the process's peak resident set size (``getrusage``), which on the CPU backend
+    includes the arrays; ``(None, "unavailable")`` where neither exists (Windows).
+    """
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+    try:
+        import resource
+    except ImportError:
+        return None, "unavailable"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024), "process peak RSS"
+
+
+def record_memory(res: CaseResult, before: int | None) -> CaseResult:
+    """Sets ``res``'s peak memory and its growth since ``before`` (a :func:`memory_high_water`)."""
+    after, source = memory_high_water()
+    res.peak_memory_bytes, res.memory_source = after, source
+    if after is not None and before is not None:
+        res.peak_memory_growth_bytes = after - before
+    return res
+
+
+def xla_memory_bytes(jitted: Callable, *args) -> int | None:
+    """XLA's memory account of ``jitted`` compiled for ``args``, in bytes.
+
+    Arguments + outputs + temporaries - the donated (aliased) buffers, from
+    ``jitted.lower(*args).compile().memory_analysis()``: what one call needs at its peak,
+    by the compiler's plan. Call it after a first call (the compilation is cached);
+    ``None`` where the function cannot be lowered or the backend gives no analysis.
+    """
+    try:
+        return compiled_memory_bytes(jitted.lower(*args).compile())
+    except Exception:  # no .lower (not a jax.jit function), or it cannot lower these args
+        return None
+
+
+def compiled_memory_bytes(compiled) -> int | None:
+    """:func:`xla_memory_bytes` of an already compiled ``jax.stages.Compiled``."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+    return int(total - m.alias_size_in_bytes)
+
+
+def missing(module: str) -> bool:
+    """Whether ``module`` cannot be imported (a peer that is not installed)."""
+    return importlib.util.find_spec(module) is None
+
+
+def note_vs_fastest(res: CaseResult, name: str = "fundl", target: float = 1.0) -> str:
+    """A note: ``name``'s median over the fastest implementation's, and the fastest other's."""
+    mine = next(t for t in res.timings if t.name == name)
+    fastest = min(res.timings, key=lambda t: t.median_s)
+    note = f"{name} / fastest ({fastest.name}) = {mine.median_s / fastest.median_s:.3f}"
+    others = [t for t in res.timings if t.name != name]
+    if fastest is mine and others:  # how far ahead of the next one
+        other = min(others, key=lambda t: t.median_s)
+        note += f"; {name} / fastest other ({other.name}) = {mine.median_s / other.median_s:.3f}"
+    return note + f" (target <= {target})"
 
 
 def measure(
@@ -62,6 +156,7 @@ def measure(
         A :class:`CaseResult`.
     """
     names = list(impls)
+    before, _ = memory_high_water()
     compile_s = {}
     for name in names:  # first call: compilation (and one run)
         t0 = time.perf_counter()
@@ -69,36 +164,67 @@ def measure(
         compile_s[name] = time.perf_counter() - t0
         impls[name]()  # warm-up
     samples: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             impls[name]()
             samples[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     timings = []
     for name in names:
         s = sorted(samples[name])
-        q1, q3 = s[len(s) // 4], s[(3 * len(s)) // 4]
-        timings.append(Timing(name, compile_s[name], statistics.median(s), q3 - q1, samples=s))
-    base = timings[0].median_s
+        timings.append(Timing(name, compile_s[name], statistics.median(s), iqr(s), samples=s,
+                              cpu_median_s=statistics.median(cpu[name])))  # fmt: skip
+    set_ratios(timings)
+    return record_memory(CaseResult(case, unit, timings), before)
+
+
+def iqr(samples: list[float]) -> float:
+    """The interquartile range (nearest-rank quartiles) of ``samples``."""
+    s = sorted(samples)
+    return s[(3 * len(s)) // 4] - s[len(s) // 4]
+
+
+def set_ratios(timings: list[Timing]) -> None:
+    """Sets each timing's ratio of medians to the first's (the baseline)."""
     for t in timings:
-        t.ratio = t.median_s / base
-    return CaseResult(case, unit, timings)
+        t.ratio = t.median_s / timings[0].median_s
+
+
+def _ms(seconds: float) -> str:
+    return "-" if np.isnan(seconds) else f"{seconds * 1e3:.3f}ms"
+
+
+def _mib(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**10:.1f}KiB" if abs(n) < 2**20 else f"{n / 2**20:.1f}MiB"
 
 
 def format_table(results: list[CaseResult]) -> str:
-    """A plain-text table: one block per case, ratios to the baseline."""
+    """A plain-text table: one block per case, ratios to the baseline.
+
+    Columns: median wall time per ``run()``, its IQR, the ratio to the baseline, the median
+    process CPU time, the compile time (first call) and XLA's memory account.
+    """
     lines = []
     for res in results:
         lines.append(f"\n{res.case}  (time per {res.unit}; ratio = median / {res.timings[0].name})")
-        lines.append(
-            f"  {'implementation':<22} {'median':>10} {'IQR':>9} {'ratio':>7} {'compile':>9}"
-        )
+        width = max(22, *(len(t.name) for t in res.timings))
+        lines.append(f"  {'implementation':<{width}} {'median':>10} {'IQR':>9} {'ratio':>7} "
+                     f"{'CPU':>10} {'compile':>9} {'XLA mem':>10}")  # fmt: skip
         for t in res.timings:
             lines.append(
-                f"  {t.name:<22} {t.median_s * 1e3:>8.3f}ms {t.iqr_s * 1e3:>7.3f}ms "
-                f"{t.ratio:>7.3f} {t.compile_s:>8.2f}s"
+                f"  {t.name:<{width}} {t.median_s * 1e3:>8.3f}ms {t.iqr_s * 1e3:>7.3f}ms "
+                f"{t.ratio:>7.3f} {_ms(t.cpu_median_s):>10} {t.compile_s:>8.2f}s "
+                f"{_mib(t.memory_bytes):>10}"
             )
+        if res.peak_memory_bytes is not None:
+            peak, growth = _mib(res.peak_memory_bytes), _mib(res.peak_memory_growth_bytes)
+            lines.append(f"  peak memory ({res.memory_source}): {peak}; this case raised it by "
+                         f"{growth}")  # fmt: skip
         lines.extend(f"  note: {n}" for n in res.notes)
     return "\n".join(lines)
 
@@ -115,7 +241,19 @@ def environment() -> dict[str, object]:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "date": time.strftime("%Y-%m-%d"),
+        "packages": {name: _version(name) for name in PACKAGES},
     }
+
+
+PACKAGES = ("jaxlib", "optax", "numpy", "flax", "equinox", "dm-haiku", "keras")
+"""The distributions whose versions the JSON record lists (``None``: not installed)."""
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def write_json(results: list[CaseResult], path: str) -> None:
@@ -126,7 +264,11 @@ def write_json(results: list[CaseResult], path: str) -> None:
 
 
 def plot(results: list[CaseResult], path: str) -> bool:
-    """A PNG bar chart of the ratios (needs matplotlib; returns False without it)."""
+    """A PNG bar chart of the ratios (needs matplotlib; returns False without it).
+
+    One bar per implementation and case: median time over the case's baseline (plain JAX,
+    or the first implementation where a case has another, e.g. the training-loop cases).
+    """
     try:
         import matplotlib
 
@@ -144,7 +286,7 @@ def plot(results: list[CaseResult], path: str) -> bool:
     ax.set_yticks(range(len(ratios)), labels, fontsize=7)
     ax.axvline(1.0, color="k", lw=0.8)
     ax.invert_yaxis()
-    ax.set_xlabel("time / plain JAX (lower is faster)")
+    ax.set_xlabel("time / the case's baseline, its first implementation (lower is faster)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -176,9 +318,20 @@ def chained(step: Callable, carry: tuple, x, y, steps: int) -> Callable[[], None
     return run
 
 
+class StatefulStep(NamedTuple):
+    """A train step that keeps its own state, for :func:`measure_train_steps`.
+
+    For peers whose idiomatic step updates objects in place (Flax NNX's ``nnx.jit`` with an
+    ``nnx.Optimizer``): ``step(*carry, x, y)`` returns the next carry, the loss last.
+    """
+
+    step: Callable
+    carry: tuple
+
+
 def measure_train_steps(
     case: str,
-    impls: dict[str, tuple[Callable, object]],
+    impls: dict[str, tuple[Callable, object] | StatefulStep],
     opt: optax.GradientTransformation,
     x: jax.Array,
     y: jax.Array,
@@ -189,25 +342,32 @@ def measure_train_steps(
 
     Each implementation gets its own copy of its params (the steps donate them); its first
     call (trace, compile and one step) is timed as the compile time, and its first loss must
-    equal the baseline's (the first entry, plain JAX) to ``rtol=1e-4``.
+    equal the baseline's (the first entry, plain JAX) to ``rtol=1e-4``. Each one's memory
+    is XLA's account of its compiled step (:func:`xla_memory_bytes`).
 
     Args:
         case: the case's name.
-        impls: ordered ``{name: (step, initial params)}``.
+        impls: ordered ``{name: (step, initial params)}``, or a :class:`StatefulStep`.
         opt: the optax optimizer the steps use.
         x: the input batch.
-        y: the integer labels, shape ``(batch,)``.
+        y: the targets (e.g. integer labels, shape ``(batch,)``).
         steps: train steps per timed ``run()``.
         rounds: interleaved rounds.
     """
-    runs, first_losses, compile_s = {}, {}, {}
-    for name, (step, params) in impls.items():
-        params = jax.tree_util.tree_map(jnp.array, params)  # own copy: steps donate it
-        carry = (params, opt.init(params), jnp.zeros(()))
+    before, _ = memory_high_water()
+    runs, first_losses, compile_s, memory = {}, {}, {}, {}
+    for name, impl in impls.items():
+        if isinstance(impl, StatefulStep):
+            step, carry = impl
+        else:
+            step, params = impl
+            params = jax.tree_util.tree_map(jnp.array, params)  # own copy: steps donate it
+            carry = (params, opt.init(params), jnp.zeros(()))
         t0 = time.perf_counter()
         carry = jax.block_until_ready(step(*carry, x, y))
         compile_s[name] = time.perf_counter() - t0
-        first_losses[name] = float(carry[2])
+        first_losses[name] = float(carry[-1])
+        memory[name] = xla_memory_bytes(step, *carry, x, y)
         runs[name] = chained(step, carry, x, y, steps)
     base_name = next(iter(impls))
     base = first_losses[base_name]
@@ -217,4 +377,5 @@ def measure_train_steps(
     res = measure(case, runs, rounds=rounds, unit=f"{steps} steps")
     for t in res.timings:
         t.compile_s = compile_s[t.name]  # the first call: trace, compile and one step
-    return res
+        t.memory_bytes = memory[t.name]
+    return record_memory(res, before)

@@ -6,7 +6,11 @@ The same step (forward, softmax cross-entropy, grad, optax adam update; params a
 state donated) on MNIST-shaped batches (batch, 28, 28), at batch 8 and 128. Every
 implementation starts from the same weights, and their first losses are compared before
 timing, so all compute the same thing. Target: fundl / plain JAX <= 1.02 at both sizes.
-Peers (stax ships with JAX; Flax linen, Haiku, Equinox when installed) are timed alike.
+Peers (stax ships with JAX; Flax linen, Flax NNX, Haiku, Equinox when installed) are timed
+alike, each written as its documentation teaches: Flax NNX with ``nnx.jit``, ``nnx.Optimizer``
+and ``nnx.value_and_grad`` (its objects updated in place, its graph walked on every call),
+the others as pure functions of their params inside one ``jax.jit``. ``--quick`` runs batch 8
+only, few rounds (a smoke run, not a measurement).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 import optax
 
 import fundl as fl
-from benchmarks.harness import CaseResult, make_step, measure_train_steps
+from benchmarks.harness import CaseResult, StatefulStep, make_step, measure_train_steps
 
 
 def _ce(logits, y):
@@ -85,6 +89,11 @@ def implementations(weights, opt) -> tuple[dict[str, tuple[Callable, object]], l
         notes.append("flax not installed: flax linen skipped (pip install -e '.[bench]')")
 
     try:
+        impls["flax nnx"] = nnx_step(weights, opt)
+    except ImportError:
+        notes.append("flax not installed: flax nnx skipped (pip install -e '.[bench]')")
+
+    try:
         import haiku as hk
 
         def hk_forward(x):
@@ -94,7 +103,7 @@ def implementations(weights, opt) -> tuple[dict[str, tuple[Callable, object]], l
         hp = {f"mlp/~/linear_{i}": {"w": w, "b": b} for i, (w, b) in enumerate(weights)}
         impls["haiku"] = (make_step(lambda p, x, y: _ce(hk_model.apply(p, x), y), opt), hp)
     except ImportError:
-        notes.append("dm-haiku not installed: haiku skipped")
+        notes.append("dm-haiku not installed: haiku skipped (pip install -e '.[bench]')")
 
     try:
         import equinox as eqx
@@ -113,19 +122,61 @@ def implementations(weights, opt) -> tuple[dict[str, tuple[Callable, object]], l
 
         impls["equinox"] = (make_step(eqx_loss, opt), params)
     except ImportError:
-        notes.append("equinox not installed: equinox skipped")
+        notes.append("equinox not installed: equinox skipped (pip install -e '.[bench]')")
     return impls, notes
 
 
+def nnx_train_step(model, opt: optax.GradientTransformation, loss_of_model: Callable):
+    """Flax NNX's documented train step, as a :class:`StatefulStep` for the harness.
+
+    ``nnx.jit`` of ``nnx.value_and_grad`` and ``nnx.Optimizer.update``: the model and the
+    optimizer are updated in place (``loss_of_model(model, x, y)`` is the loss).
+    """
+    from flax import nnx
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+        loss, grads = nnx.value_and_grad(loss_of_model)(model, x, y)
+        optimizer.update(model, grads)
+        return loss
+
+    def step(model, optimizer, loss, x, y):
+        return model, optimizer, train_step(model, optimizer, x, y)
+
+    optimizer = nnx.Optimizer(model, opt, wrt=nnx.Param)
+    return StatefulStep(step, (model, optimizer, jnp.zeros(())))
+
+
+def nnx_step(weights, opt) -> StatefulStep:
+    """The MLP in Flax NNX, from ``weights``, with :func:`nnx_train_step`."""
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            sizes = [w.shape for w, _ in weights]
+            self.layers = nnx.List([nnx.Linear(*s, rngs=rngs) for s in sizes])
+
+        def __call__(self, x):
+            x = x.reshape(x.shape[0], -1)
+            for layer in self.layers[:-1]:
+                x = jax.nn.relu(layer(x))
+            return self.layers[-1](x)
+
+    model = MLP(nnx.Rngs(0))
+    for layer, (w, b) in zip(model.layers, weights, strict=True):
+        layer.kernel[...], layer.bias[...] = w, b
+    return nnx_train_step(model, opt, lambda m, x, y: _ce(m(x), y))
+
+
 def run(quick: bool = False, batches: tuple[int, ...] = (8, 128)) -> list[CaseResult]:
-    """Runs the MLP cases; ``quick`` uses few rounds and steps (a smoke run, not a measure)."""
+    """Runs the MLP cases; ``quick`` runs the first batch size only, few rounds and steps."""
     rng = np.random.default_rng(0)
     init = jax.nn.initializers.glorot_uniform()
     keys = jax.random.split(jax.random.key(0), 3)
     sizes = [(784, 128), (128, 64), (64, 10)]
     opt = optax.adam(1e-3)
     results = []
-    for batch in batches:
+    for batch in batches[:1] if quick else batches:
         x = jnp.asarray(rng.standard_normal((batch, 28, 28)), jnp.float32)
         y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
         weights = [(init(k, s), jnp.zeros(s[1])) for k, s in zip(keys, sizes, strict=True)]

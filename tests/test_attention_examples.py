@@ -1,4 +1,4 @@
-"""The char-transformer example trains and samples; the attention benchmarks run (smoke runs)."""
+"""The char-transformer example trains and samples; the GPT-2 benchmark runs (smoke runs)."""
 
 import importlib.util
 from pathlib import Path
@@ -32,21 +32,6 @@ def test_char_transformer_tiny_run_learns_and_samples(capsys):
     assert len(result["sample"]) == len("The import statement") + 12
     out = capsys.readouterr().out
     assert f"held-out: {result['held_out_bits']:.3f} bits/char" in out
-
-
-def test_attention_benchmark_quick_run():
-    from benchmarks.attention_step import run
-
-    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
-        step, compile_ = run(quick=True)
-    names = [t.name for t in step.timings]
-    assert names[:3] == ["jax.nn.dot_product_attention", "explicit softmax", "fundl"]
-    assert step.timings[0].ratio == 1.0 and all(t.median_s > 0 for t in step.timings)
-    assert any(n.startswith("fundl / fastest") for n in step.notes)
-    assert [t.name for t in compile_.timings] == [
-        "repeat(block, 1)", "repeat(block, 3)", "serial of 3 blocks (unrolled)", "repeat(block, 2)"
-    ]  # fmt: skip
-    assert compile_.notes[0].startswith("repeat(3) / repeat(1) = ")
 
 
 def test_gpt2_benchmark_tiny(tmp_path):

@@ -1,25 +1,187 @@
-"""A smoke run of the benchmark harness (not a timing assertion): it must never rot."""
+"""Smoke runs of the benchmark harness, so that it never rots (not timing assertions).
 
+``python -m benchmarks --quick`` runs every suite on tiny sizes, as a user runs it: in two
+processes side by side (one per core of a 2-core CI machine), with XLA's CPU optimisations
+turned down (``XLA_FLAGS``) because the run is mostly compilation and no number of it is
+read. The assertions check the structure of what it prints and writes: every case, its
+implementations and ratios, the notes with the targets, the JSON record and the plot.
+"""
+
+import importlib.util
 import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-import jax
+import pytest
 
-from benchmarks.__main__ import main
+from benchmarks.harness import (
+    CaseResult,
+    format_table,
+    measure,
+    note_vs_fastest,
+    plot,
+    write_json,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+GROUPS = (("mlp", "cnn", "fit"), ("rnn", "attention", "transformer"))
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def test_benchmark_harness_quick_run(tmp_path, capsys):
-    out = tmp_path / "results.json"
-    # The peers (and optax's adam: an int32 step count) rely on JAX's default promotion
-    # rules, which the suite makes strict; benchmarks run as users run them.
-    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
-        assert main(["--suite", "mlp", "--quick", "--json", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "mlp train step, batch 8" in printed
-    assert "mlp train step, batch 128" in printed
-    record = json.loads(out.read_text())
-    assert record["environment"]["backend"] == jax.default_backend()
-    for case in record["results"]:
-        names = [t["name"] for t in case["timings"]]
-        assert names[:3] == ["plain JAX", "fundl", "stax"]
-        assert case["timings"][0]["ratio"] == 1.0
-        assert all(t["median_s"] > 0 and t["compile_s"] > 0 for t in case["timings"])
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """``(printed output, {suite group: JSON record}, output folder)`` of the quick runs."""
+    out = tmp_path_factory.mktemp("benchmarks")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+    procs = []
+    for i, group in enumerate(GROUPS):
+        args = [sys.executable, "-m", "benchmarks", "--quick", "--json", str(out / f"{i}.json")]
+        args += [arg for suite in group for arg in ("--suite", suite)]
+        if i == 0:
+            args += ["--plot", str(out / "ratios.png")]
+        pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+        procs.append(subprocess.Popen(args, cwd=ROOT, env=env, text=True, **pipe))
+    try:
+        printed = [p.communicate(timeout=900)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:  # timed out: leave no process behind
+                p.kill()
+    for p, text in zip(procs, printed, strict=True):
+        assert p.returncode == 0, text
+    records = [json.loads((out / f"{i}.json").read_text()) for i in range(len(GROUPS))]
+    return "\n".join(printed), records, out
+
+
+def _cases(records) -> dict[str, dict]:
+    return {case["case"]: case for record in records for case in record["results"]}
+
+
+def _case(records, prefix: str) -> dict:
+    (case,) = [c for name, c in _cases(records).items() if name.startswith(prefix)]
+    return case
+
+
+def _names(case) -> list[str]:
+    return [t["name"] for t in case["timings"]]
+
+
+def test_json_records_the_environment(quick):
+    _, records, _ = quick
+    for record in records:
+        env = record["environment"]
+        for key in ("jax", "backend", "device_kind", "cpu_count", "python", "packages"):
+            assert key in env
+        assert env["backend"] == "cpu" and env["cpu_count"] >= 1
+        assert set(env["packages"]) >= {"optax", "flax", "equinox", "dm-haiku", "keras"}
+
+
+def test_every_suite_runs_every_case(quick):
+    printed, records, _ = quick
+    cases = _cases(records)
+    assert len(cases) == 8  # mlp, cnn, rnn, attention: 1; transformer, fit: 2
+    for name, case in cases.items():
+        assert name in printed
+        timings = case["timings"]
+        assert len(timings) >= 2 and timings[0]["ratio"] == 1.0
+        for t in timings:
+            assert t["median_s"] > 0 and t["compile_s"] > 0 and math.isfinite(t["ratio"])
+        assert case["memory_source"] and case["peak_memory_bytes"] > 0
+    assert _names(_case(records, "mlp train step, batch 8"))[:3] == ["plain JAX", "fundl", "stax"]
+    assert _names(_case(records, "lenet train step, batch 8"))[:3] == ["plain JAX", "fundl", "stax"]
+    assert not any(name.startswith(("mlp train step, batch 128", "lenet train step, batch 128"))
+                   for name in cases)  # quick: the first batch size only  # fmt: skip
+    for prefix in ("mlp", "lenet", "lstm", "causal self-attention", "decoder block"):
+        case = _case(records, prefix)
+        # XLA's memory account of each jitted step (Flax NNX's nnx.jit step has none)
+        assert all(t["memory_bytes"] > 0 for t in case["timings"] if t["name"] != "flax nnx")
+
+
+def test_rnn_suite(quick):
+    _, records, _ = quick
+    case = _case(records, "lstm train step, batch 2, 4 steps")
+    assert _names(case)[:3] == ["plain JAX lax.scan", "plain JAX lax.scan, hoisted projection",
+                                "fundl rnn(lstm_cell)"]  # fmt: skip
+    assert case["notes"][0].startswith("fundl / plain JAX lax.scan = ")
+    assert "fundl rnn(lstm_cell) / fastest (" in case["notes"][0]
+    assert "compile(1024) / compile(16) = " in case["notes"][1]
+
+
+def test_attention_and_transformer_suites(quick):
+    _, records, _ = quick
+    case = _case(records, "causal self-attention train step")
+    assert _names(case)[:3] == ["jax.nn.dot_product_attention", "explicit softmax", "fundl"]
+    assert case["notes"][0].startswith("fundl / fastest (")
+    assert _names(_case(records, "decoder block train step")) == ["plain JAX", "fundl"]
+    compile_ = _case(records, "compile time of a train step, decoder blocks")
+    assert _names(compile_) == ["repeat(block, 1)", "repeat(block, 2)",
+                                "serial of 2 blocks (unrolled)"]  # fmt: skip
+    assert compile_["notes"][0].startswith("repeat(2) / repeat(1) = ")
+
+
+def test_fit_suite(quick):
+    _, records, _ = quick
+    for what in ("steady time per epoch", "total time of 3 epochs incl. compilation"):
+        case = _case(
+            records, f"training loop, digits MLP, batch 32, 280 examples (9 steps/epoch): {what}"
+        )
+        names = _names(case)
+        assert names[:5] == ["plain JAX, step", "plain JAX, scan", "fl.fit K=1", "fl.fit K=3",
+                             "fl.fit K=9"]  # fmt: skip
+        keras = "Keras 3 (jax)" in names
+        assert keras or any(n.startswith(("Keras 3 not installed", "Keras runs on"))
+                            for n in case["notes"])  # fmt: skip
+    notes = " ".join(
+        _case(records, "training loop, digits MLP, batch 32, 280 examples (9 steps/epoch): steady")[
+            "notes"
+        ]
+    )
+    assert "fit K=1 / plain step loop = " in notes and "(issue 4 target <= 1.05)" in notes
+    assert "plain step loop / fit K=9 = " in notes and "(issue 4 target >= 3)" in notes
+
+
+@pytest.mark.parametrize(("module", "label"), [("flax", "flax linen"), ("equinox", "equinox"),
+                                               ("haiku", "haiku")])  # fmt: skip
+def test_peers_run_or_are_skipped_with_a_note(quick, module, label):
+    _, records, _ = quick
+    case = _case(records, "mlp train step, batch 8")
+    if importlib.util.find_spec(module) is None:
+        assert label not in _names(case)
+        assert any(n.startswith(f"{'dm-haiku' if module == 'haiku' else module} not installed")
+                   for n in case["notes"])  # fmt: skip
+    else:
+        assert label in _names(case)
+
+
+def test_plot_is_written(quick):
+    printed, _, out = quick
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "matplotlib not installed: no plot written" in printed
+    pytest.importorskip("matplotlib")
+    assert (out / "ratios.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_harness_table_json_and_plot(tmp_path):
+    """The harness itself, on trivial work: ratios, table columns, notes, JSON keys."""
+    res = measure("trivial", {"plain JAX": lambda: None, "fundl": lambda: sum(range(1000))},
+                  rounds=3)  # fmt: skip
+    assert isinstance(res, CaseResult) and res.timings[0].ratio == 1.0
+    assert res.timings[1].ratio > 0 and res.timings[1].cpu_median_s >= 0
+    assert note_vs_fastest(res).startswith("fundl / fastest (")
+    table = format_table([res])
+    assert "trivial  (time per step; ratio = median / plain JAX)" in table
+    for column in ("median", "IQR", "ratio", "CPU", "compile", "XLA mem", "peak memory"):
+        assert column in table
+    write_json([res], str(tmp_path / "r.json"))
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert {"jax", "backend", "device_kind", "cpu_count"} <= set(record["environment"])
+    assert record["results"][0]["timings"][1]["name"] == "fundl"
+    if importlib.util.find_spec("matplotlib") is None:
+        assert plot([res], str(tmp_path / "r.png")) is False
+    else:
+        assert plot([res], str(tmp_path / "r.png")) is True

@@ -1,4 +1,4 @@
-"""The CNN example reaches its accuracy; the CNN benchmark runs (a smoke run, no timing)."""
+"""The CNN example reaches its accuracy (the CNN benchmark's smoke run is in test_benchmarks)."""
 
 import importlib.util
 from pathlib import Path
@@ -30,15 +30,3 @@ def test_cnn_example_reaches_098_on_digits(tmp_path, capsys):
         assert "matplotlib is not installed: no loss curve" in out
     else:
         assert plot.read_bytes().startswith(b"\x89PNG")
-
-
-def test_cnn_benchmark_quick_run(capsys):
-    from benchmarks.cnn_step import run
-
-    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
-        (result,) = run(quick=True, batches=(8,))
-    names = [t.name for t in result.timings]
-    assert names[:3] == ["plain JAX", "fundl", "stax"]
-    assert result.case == "lenet train step, batch 8"
-    assert result.timings[0].ratio == 1.0
-    assert all(t.median_s > 0 for t in result.timings)

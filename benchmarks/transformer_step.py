@@ -1,0 +1,178 @@
+"""A pre-norm decoder block's train step (fundl vs plain JAX), and deep stacks' compile time.
+
+    python -m benchmarks --suite transformer    # or: python -m benchmarks.transformer_step
+
+1. One ``fl.decoder_block(width, heads)`` (GPT-2's pre-norm block: layer norm, causal
+   self-attention, residual; layer norm, dense 4x width, gelu, dense, residual) trained on a
+   mean-squared error with adam, params and optimizer state donated; batch 8, 128 positions,
+   width 256, 8 heads on the CPU. Baseline: the same block hand-written in plain JAX over the
+   same params (layer norm with float32 statistics, explicit causal softmax attention as a
+   user writes it by hand, ``jax.nn.gelu``). Both start from the same weights and their
+   first losses are compared before timing. No peer block is wired in: the attention suite
+   compares the attention layers of the peers.
+2. Compile time (trace + XLA compile) of a train step through ``repeat(decoder_block, n)``
+   for n = 1, 24 and 2 and through 24 blocks unrolled by ``serial`` (width 128, 4 heads).
+   Target: repeat(24) / repeat(1) <= 2. (XLA removes a loop of one trip, so repeat(1) is
+   straight-line code and cheaper to compile than any real loop; repeat(24) / repeat(2) shows
+   the growth with depth.)
+
+``--quick`` shrinks both to tiny sizes, and the stacks to depth 2 (a smoke run, not a
+measurement). The GPT-2-small
+language model's throughput and MFU on a GPU are ``benchmarks/gpt2.py``'s.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import fundl as fl
+from benchmarks.harness import (
+    CaseResult,
+    Timing,
+    compiled_memory_bytes,
+    make_step,
+    measure_train_steps,
+    memory_high_water,
+    record_memory,
+    set_ratios,
+)
+
+BLOCK = {"batch": 8, "time": 128, "width": 256, "heads": 8}
+BLOCK_QUICK = {"batch": 2, "time": 16, "width": 32, "heads": 2}
+
+
+def _mse(y, target):
+    return jnp.mean(jnp.square(y - target))
+
+
+def _layer_norm(p, x, eps=1e-5):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def plain_block(params, x, heads: int):
+    """The pre-norm decoder block by hand, over ``fl.decoder_block``'s params.
+
+    Args:
+        params: ``{"attn": {"norm", "attn": {"query", "key", "value", "out"}}, "mlp": {"norm",
+            "up", "down"}}``, dense params ``{"w": (in, out), "b": (out,)}``.
+        x: ``(batch, time, width)``.
+        heads: the number of attention heads.
+
+    Returns:
+        ``(batch, time, width)``.
+    """
+    b, t, width = x.shape
+    d = width // heads
+    a = params["attn"]
+    h = _layer_norm(a["norm"], x)
+    q, k, v = ((h @ a["attn"][n]["w"] + a["attn"][n]["b"]).reshape(b, t, heads, d)
+               for n in ("query", "key", "value"))  # fmt: skip
+    logits = jnp.einsum("bthd,bshd->bhts", q, k) / np.float32(np.sqrt(d))
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
+    out = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, axis=-1), v).reshape(b, t, width)
+    x = x + out @ a["attn"]["out"]["w"] + a["attn"]["out"]["b"]
+    m = params["mlp"]
+    h = jax.nn.gelu(_layer_norm(m["norm"], x) @ m["up"]["w"] + m["up"]["b"])
+    return x + h @ m["down"]["w"] + m["down"]["b"]
+
+
+def block_case(quick: bool) -> CaseResult:
+    """The decoder block's train step, fundl vs plain JAX."""
+    sizes = BLOCK_QUICK if quick else BLOCK
+    batch, t, width, heads = sizes["batch"], sizes["time"], sizes["width"], sizes["heads"]
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, t, width)), jnp.float32)
+    target = jnp.asarray(rng.standard_normal((batch, t, width)), jnp.float32)
+    block = fl.decoder_block(width, heads)
+    weights, state = block.init(jax.random.key(0), x)
+    weights = jax.tree.map(lambda w: w + 0.01, weights)  # non-zero biases
+    opt = optax.adam(1e-3)
+
+    def plain_loss(p, x, y):
+        return _mse(plain_block(p, x, heads), y)
+
+    def fundl_loss(p, x, y):
+        return _mse(block.apply(p, state, x)[0], y)
+
+    impls = {"plain JAX": (make_step(plain_loss, opt), weights),
+             "fundl": (make_step(fundl_loss, opt), weights)}  # fmt: skip
+    res = measure_train_steps(f"decoder block train step, batch {batch}, {t} positions, width "
+                              f"{width}, {heads} heads", impls, opt, x, target,
+                              1 if quick else 5, 2 if quick else 30)  # fmt: skip
+    kernel = fl.attention._choose(None, jnp.float32, width // heads, False, False, False)
+    res.notes.append(f"fundl / plain JAX = {res.timings[1].ratio:.3f}; fundl's attention "
+                     f"kernel on {jax.default_backend()} float32: {kernel}")  # fmt: skip
+    res.notes.append("no peer block wired in (the attention suite compares peers' attention)")
+    return res
+
+
+def compile_case(quick: bool) -> CaseResult:
+    """Compile time of a train step through ``repeat(block, n)`` and an unrolled stack."""
+    before, _ = memory_high_water()
+    depth = 2 if quick else 24  # quick: repeat(block, 2) doubles as the 2-copy row
+    width, heads, batch, t = (32, 2, 1, 8) if quick else (128, 4, 2, 64)
+    x = jnp.zeros((batch, t, width))
+    opt = optax.adam(1e-3)
+    block = fl.decoder_block(width, heads)
+    models = {
+        "repeat(block, 1)": fl.repeat(block, 1),
+        f"repeat(block, {depth})": fl.repeat(block, depth),
+        f"serial of {depth} blocks (unrolled)": fl.serial(*[block] * depth),
+        "repeat(block, 2)": fl.repeat(block, 2),
+    }  # quick (depth 2): three entries
+    timings = []
+    for name, model in models.items():
+        params, state = model.init(jax.random.key(0), x)
+        opt_state = opt.init(params)
+
+        def loss(p, x, y, model=model, state=state):
+            return _mse(model.apply(p, state, x)[0], y)
+
+        samples, cpu = [], []
+        for _ in range(1 if quick else 3):
+            step = make_step(functools.partial(loss), opt)  # a new function: no cache hit
+            c0, t0 = time.process_time(), time.perf_counter()
+            compiled = step.lower(params, opt_state, jnp.zeros(()), x, x).compile()
+            samples.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        med = float(np.median(samples))
+        timings.append(Timing(name, med, med, float(np.ptp(samples)), samples=samples,
+                              cpu_median_s=float(np.median(cpu)),
+                              memory_bytes=compiled_memory_bytes(compiled)))  # fmt: skip
+    set_ratios(timings)
+    res = CaseResult(f"compile time of a train step, decoder blocks width {width}", "compile",
+                     timings)  # fmt: skip
+    res.notes.append(f"repeat({depth}) / repeat(1) = {timings[1].ratio:.2f} (target <= 2); "
+                     f"unrolled / repeat(1) = {timings[2].ratio:.2f}")  # fmt: skip
+    if depth > 2:
+        per_two = timings[1].median_s / timings[3].median_s
+        res.notes.append(f"repeat({depth}) / repeat(2) = {per_two:.2f}: XLA drops a loop of "
+                         "one trip, so repeat(1) compiles as straight-line code; from 2 copies "
+                         "on, the compile time does not grow with depth")  # fmt: skip
+    return record_memory(res, before)
+
+
+def run(quick: bool = False) -> list[CaseResult]:
+    """The decoder block's train step and the deep-stack compile-time case."""
+    return [block_case(quick), compile_case(quick)]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from benchmarks.harness import environment, format_table
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    quick = parser.parse_args().quick
+    print(", ".join(f"{k}={v}" for k, v in environment().items()))
+    print(format_table(run(quick)))
