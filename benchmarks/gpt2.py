@@ -240,13 +240,16 @@ def main(argv: list[str] | None = None) -> dict:
         cfg["vocab"] = args.vocab
     steps = args.steps or (2 if args.tiny else 20)
     impl = None if args.attention == "auto" else args.attention
-    if args.unroll is None:  # a full unroll ran 1.3x faster on an H200 (see RESULTS.md)
+    if args.impl == "plain":
+        args.unroll = 0  # blocks as a Python loop: no scan to unroll
+    elif args.unroll is None:  # a full unroll ran 1.3x faster on an H200 (see RESULTS.md)
         args.unroll = cfg["layers"] if jax.default_backend() == "gpu" else 1
     result = run_benchmark(cfg, steps, args.peak_tflops, implementation=impl, impl=args.impl,
                            unroll=args.unroll)  # fmt: skip
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (no peak known)"
+    stack = f"unroll {result['unroll']}" if result["unroll"] else "blocks in a Python loop"
     print(f"{result['impl']} {result['device']} ({result['backend']}, attention "
-          f"{result['attention']}, unroll {result['unroll']}): "
+          f"{result['attention']}, {stack}): "
           f"{result['params']:,} params, batch "
           f"{cfg['batch']} x {cfg['context']} tokens; step {1e3 * result['step_s']:.1f} ms, "
           f"{result['tokens_per_s']:,.0f} tokens/s, {result['model_tflops']:.2f} model TFLOP/s, "

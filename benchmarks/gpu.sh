@@ -4,9 +4,9 @@
 #   bash benchmarks/gpu.sh [OUT_DIR]
 #
 # Runs the GPT-2-small-shaped language-model train step (12 blocks, width 768, 12 heads,
-# context 1024, bf16 compute over f32 params) at batch 16 and 64, against the same model
-# hand-written in plain JAX, and with the stack left as a loop for contrast, reporting
-# tokens/s and model FLOPs utilisation; then the MLP and CNN suites (fundl against plain JAX and the installed peers,
+# context 1024, bf16 compute over f32 params) at batch 16 to 128, and the same model
+# hand-written in plain JAX at batch 16, reporting tokens/s and model FLOPs utilisation;
+# then the MLP and CNN suites (fundl against plain JAX and the installed peers,
 # interleaved). JSON records go to OUT_DIR (default benchmarks/results). Record the figures
 # in benchmarks/RESULTS.md with the device named.
 set -uo pipefail
@@ -25,6 +25,7 @@ run() {  # name, then gpt2.py arguments
 }
 run b16 --batch 16
 run b16_plain --batch 16 --impl plain
-run b16_scan --batch 16 --unroll 1
 run b64 --batch 64
+run b128 --batch 128
+run b128_v50304 --batch 128 --vocab 50304
 timeout 200 python3 -m benchmarks --suite mlp --suite cnn --json "$out/suites_gpu.json" 2>&1 | tail -32
