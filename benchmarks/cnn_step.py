@@ -11,6 +11,8 @@ written in fundl, by hand in plain JAX (``lax.conv_general_dilated`` and
 step, see ``benchmarks.mlp_step``) and Haiku when installed. Every implementation starts from
 the same weights and their first losses are compared before timing. Target: fundl / plain
 JAX <= 1.02 at both sizes. ``--quick`` runs batch 8 only, few rounds (a smoke run).
+``--gpu`` (``python -m benchmarks --gpu``) runs batch 1,024 in bfloat16 compute over float32
+params, with throughput and MFU notes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ import optax
 from jax import lax
 
 import fundl as fl
-from benchmarks.harness import CaseResult, make_step, measure_train_steps
+from benchmarks.harness import (
+    BF16_RTOL,
+    CaseResult,
+    GpuRun,
+    Speed,
+    in_dtype,
+    make_step,
+    measure_train_steps,
+)
 from benchmarks.mlp_step import _ce, nnx_train_step
 
 CONV_SHAPES = [(5, 5, 1, 6), (5, 5, 6, 16)]
@@ -40,12 +50,15 @@ def _plain_avg_pool(x):
     return lax.reduce_window(x, 0.0, lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4.0
 
 
-def implementations(convs, denses) -> tuple[dict[str, tuple[Callable, object]], list[str]]:
+def implementations(
+    convs, denses, dtype=None
+) -> tuple[dict[str, tuple[Callable, object]], list[str]]:
     """``{name: (step, params)}`` for every implementation available, and skip notes.
 
     Args:
         convs: ``[(w, b), (w, b)]`` shared initial conv weights (HWIO kernels).
         denses: ``[(w, b)] * 3`` shared initial dense weights.
+        dtype: the compute dtype (``None``: the inputs'); params stay as given.
     """
     notes = []
     impls = {}
@@ -61,15 +74,15 @@ def implementations(convs, denses) -> tuple[dict[str, tuple[Callable, object]], 
         w, b = dense[-1]
         return _ce(h @ w + b, y)
 
-    impls["plain JAX"] = (make_step(plain_loss, opt), [*convs, *denses])
+    impls["plain JAX"] = (make_step(in_dtype(plain_loss, dtype), opt), [*convs, *denses])
 
     model = fl.serial(
-        fl.conv(6, (5, 5)), jax.nn.relu, fl.avg_pool((2, 2)),
-        fl.conv(16, (5, 5), padding="VALID"), jax.nn.relu, fl.avg_pool((2, 2)),
+        fl.conv(6, (5, 5), dtype=dtype), jax.nn.relu, fl.avg_pool((2, 2)),
+        fl.conv(16, (5, 5), padding="VALID", dtype=dtype), jax.nn.relu, fl.avg_pool((2, 2)),
         fl.flatten(),
-        fl.dense(120), jax.nn.relu,
-        fl.dense(84), jax.nn.relu,
-        fl.dense(10),
+        fl.dense(120, dtype=dtype), jax.nn.relu,
+        fl.dense(84, dtype=dtype), jax.nn.relu,
+        fl.dense(10, dtype=dtype),
     )  # fmt: skip
     _, state = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     wb = [{"w": w, "b": b} for w, b in [*convs, *denses]]
@@ -92,7 +105,8 @@ def implementations(convs, denses) -> tuple[dict[str, tuple[Callable, object]], 
     )  # fmt: skip
     c, d = [tuple(p) for p in convs], [tuple(p) for p in denses]
     stax_params = [c[0], (), (), c[1], (), (), (), d[0], (), d[1], (), d[2]]
-    impls["stax"] = (make_step(lambda p, x, y: _ce(stax_apply(p, x), y), opt), stax_params)
+    stax_loss = in_dtype(lambda p, x, y: _ce(stax_apply(p, x), y), dtype)
+    impls["stax"] = (make_step(stax_loss, opt), stax_params)
 
     try:
         import flax.linen as nn
@@ -112,12 +126,13 @@ def implementations(convs, denses) -> tuple[dict[str, tuple[Callable, object]], 
         lp["params"].update(
             {f"Dense_{i}": {"kernel": w, "bias": b} for i, (w, b) in enumerate(denses)}
         )
-        impls["flax linen"] = (make_step(lambda p, x, y: _ce(linen.apply(p, x), y), opt), lp)
+        linen_loss = in_dtype(lambda p, x, y: _ce(linen.apply(p, x), y), dtype)
+        impls["flax linen"] = (make_step(linen_loss, opt), lp)
     except ImportError:
         notes.append("flax not installed: flax linen skipped (pip install -e '.[bench]')")
 
     try:
-        impls["flax nnx"] = _nnx_step(convs, denses, opt)
+        impls["flax nnx"] = _nnx_step(convs, denses, opt, dtype)
     except ImportError:
         notes.append("flax not installed: flax nnx skipped (pip install -e '.[bench]')")
 
@@ -138,20 +153,21 @@ def implementations(convs, denses) -> tuple[dict[str, tuple[Callable, object]], 
         hk_model = hk.without_apply_rng(hk.transform(hk_forward))
         names = ["conv2_d", "conv2_d_1", "linear", "linear_1", "linear_2"]
         hp = {n: {"w": w, "b": b} for n, (w, b) in zip(names, [*convs, *denses], strict=True)}
-        impls["haiku"] = (make_step(lambda p, x, y: _ce(hk_model.apply(p, x), y), opt), hp)
+        hk_loss = in_dtype(lambda p, x, y: _ce(hk_model.apply(p, x), y), dtype)
+        impls["haiku"] = (make_step(hk_loss, opt), hp)
     except ImportError:
         notes.append("dm-haiku not installed: haiku skipped (pip install -e '.[bench]')")
     return impls, notes
 
 
-def _nnx_step(convs, denses, opt):
+def _nnx_step(convs, denses, opt, dtype=None):
     from flax import nnx
 
     class LeNet(nnx.Module):
         def __init__(self, rngs):
-            self.conv1 = nnx.Conv(1, 6, (5, 5), padding="SAME", rngs=rngs)
-            self.conv2 = nnx.Conv(6, 16, (5, 5), padding="VALID", rngs=rngs)
-            self.dense = nnx.List([nnx.Linear(*w.shape, rngs=rngs) for w, _ in denses])
+            self.conv1 = nnx.Conv(1, 6, (5, 5), padding="SAME", dtype=dtype, rngs=rngs)
+            self.conv2 = nnx.Conv(6, 16, (5, 5), padding="VALID", dtype=dtype, rngs=rngs)
+            self.dense = nnx.List([nnx.Linear(*w.shape, dtype=dtype, rngs=rngs) for w, _ in denses])
 
         def __call__(self, x):
             x = nnx.avg_pool(nnx.relu(self.conv1(x)), (2, 2), (2, 2))
@@ -168,8 +184,15 @@ def _nnx_step(convs, denses, opt):
     return nnx_train_step(model, opt, lambda m, x, y: _ce(m(x), y))
 
 
-def run(quick: bool = False, batches: tuple[int, ...] = (8, 128)) -> list[CaseResult]:
-    """Runs the CNN cases; ``quick`` runs the first batch size only, few rounds and steps."""
+def run(
+    quick: bool = False, batches: tuple[int, ...] = (8, 128), gpu: GpuRun | None = None
+) -> list[CaseResult]:
+    """Runs the CNN cases; ``quick`` runs the first batch size only, few rounds and steps.
+
+    ``gpu``: batch 1,024 (``quick``: 8) in ``gpu.dtype`` compute, with throughput and MFU.
+    """
+    if gpu is not None:
+        return [gpu_case(quick, gpu)]
     rng = np.random.default_rng(0)
     init = jax.nn.initializers.glorot_uniform()
     keys = jax.random.split(jax.random.key(0), 5)
@@ -190,6 +213,27 @@ def run(quick: bool = False, batches: tuple[int, ...] = (8, 128)) -> list[CaseRe
         res.notes.extend(notes)
         results.append(res)
     return results
+
+
+def gpu_case(quick: bool, gpu: GpuRun, batch: int = 1024) -> CaseResult:
+    """LeNet's step at a GPU's batch size in ``gpu.dtype`` (``quick``: batch 8, few rounds)."""
+    batch = 8 if quick else batch
+    rng = np.random.default_rng(0)
+    init = jax.nn.initializers.glorot_uniform()
+    keys = jax.random.split(jax.random.key(0), 5)
+    opt = optax.adam(1e-3)
+    x = jnp.asarray(rng.standard_normal((batch, 28, 28, 1)), gpu.dtype)
+    y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+    convs = [(init(k, s), jnp.zeros(s[-1])) for k, s in zip(keys[:2], CONV_SHAPES, strict=True)]
+    denses = [(init(k, s), jnp.zeros(s[1])) for k, s in zip(keys[2:], DENSE_SHAPES, strict=True)]
+    impls, notes = implementations(convs, denses, gpu.dtype)
+    steps = 2 if quick else 10
+    res = measure_train_steps(f"lenet train step, batch {batch}, {gpu.dtype.__name__}", impls,
+                              opt, x, y, steps, 3 if quick else 20, rtol=BF16_RTOL,
+                              speed=Speed(batch, "examples", gpu.peak_tflops))  # fmt: skip
+    res.notes.append(f"{gpu.dtype.__name__} compute over float32 params")
+    res.notes.extend(notes)
+    return res
 
 
 def main(quick: bool = False) -> list[CaseResult]:

@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,39 @@ class CaseResult:
     peak_memory_bytes: int | None = None
     peak_memory_growth_bytes: int | None = None
     memory_source: str = ""
+    speed: dict[str, dict] = field(default_factory=dict)
+    """``--gpu`` runs only: per implementation, its throughput and MFU (:func:`add_speed`)."""
+
+
+@dataclass(frozen=True)
+class GpuRun:
+    """The settings of ``python -m benchmarks --gpu``: realistic sizes in a low-precision dtype.
+
+    ``dtype`` is the compute dtype (params stay float32: fundl's layers get ``dtype=``, the
+    hand-written and peer steps cast their params inside the loss, :func:`cast_params`);
+    ``peak_tflops`` the chip's peak dense TFLOP/s in that dtype (``None``: unknown, no MFU).
+    """
+
+    peak_tflops: float | None = None
+    dtype: Any = jnp.bfloat16
+
+
+BF16_RTOL = 3e-2
+"""How far the first losses of a bfloat16 case may differ (``measure_train_steps``'s ``rtol``).
+
+bfloat16 keeps 8 significant bits (relative rounding 2**-8 = 0.4%), and the implementations
+round in different orders (fused or not, other matmul shapes); a different model gives a loss
+off by far more than 3%.
+"""
+
+
+@dataclass(frozen=True)
+class Speed:
+    """What :func:`measure_train_steps` needs for throughput and MFU: ``items`` per step."""
+
+    items: int
+    unit: str
+    peak_tflops: float | None = None
 
 
 def memory_high_water() -> tuple[int | None, str]:
@@ -122,6 +155,83 @@ def compiled_memory_bytes(compiled) -> int | None:
         return None
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
     return int(total - m.alias_size_in_bytes)
+
+
+def compiled_flops(compiled) -> float | None:
+    """XLA's cost-analysis FLOPs of an already compiled ``jax.stages.Compiled`` (``None``: none).
+
+    Custom calls (cuDNN's fused attention, for one) count as zero: compare a case's
+    implementations with one count, the baseline's (see :func:`add_speed`).
+    """
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # a backend without cost analysis
+        return None
+    if isinstance(cost, list | tuple):  # older JAX: one dict per computation
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops is not None and flops > 0 else None
+
+
+def default_peak_tflops() -> float | None:
+    """The first device's dense bf16 peak TFLOP/s by its kind (``benchmarks.gpt2``'s table)."""
+    from benchmarks.gpt2 import peak_tflops
+
+    return peak_tflops(jax.devices()[0].device_kind)
+
+
+def cast_params(tree, dtype):
+    """``tree`` with its floating leaves cast to ``dtype`` (``None``: ``tree`` unchanged)."""
+    if dtype is None:
+        return tree
+
+    def cast(a):
+        return a.astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a
+
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def in_dtype(loss: Callable, dtype) -> Callable:
+    """``loss(params, x, y)`` computing in ``dtype``: params and ``x`` cast on entry.
+
+    The mixed-precision setup a user writes by hand around a pure function of its params
+    (plain JAX, stax, Flax linen, Haiku, Equinox); the float32 params get float32 grads.
+    ``dtype=None`` returns ``loss`` itself.
+    """
+    if dtype is None:
+        return loss
+    return lambda p, x, y: loss(cast_params(p, dtype), cast_params(x, dtype), y)
+
+
+def add_speed(res: CaseResult, flops: dict[str, float | None], speed: Speed, steps: int) -> None:
+    """Sets ``res.speed`` and adds notes: throughput and MFU of the baseline and fundl.
+
+    MFU = the case's model FLOPs per step x steps per second / the peak, with the model FLOPs
+    the baseline's (the first implementation's) XLA cost analysis: the implementations do the
+    same work, and XLA counts no FLOPs in custom calls such as cuDNN's attention. Each
+    implementation's own count is kept as ``xla_flops_per_step``.
+    """
+    base = flops.get(res.timings[0].name)
+    peak = speed.peak_tflops
+    for t in res.timings:
+        per_s = steps / t.median_s
+        tflops = base * per_s / 1e12 if base else None
+        res.speed[t.name] = {
+            "throughput": speed.items * per_s, "throughput_unit": f"{speed.unit}/s",
+            "model_flops_per_step": base, "xla_flops_per_step": flops.get(t.name),
+            "model_tflops": tflops, "peak_tflops": peak,
+            "mfu": tflops / peak if tflops is not None and peak else None,
+        }  # fmt: skip
+    shown = [t.name for t in res.timings if t is res.timings[0] or t.name.startswith("fundl")]
+    parts = []
+    for name in shown:
+        s = res.speed[name]
+        mfu = f"{100 * s['mfu']:.1f}% MFU" if s["mfu"] is not None else "MFU n/a"
+        parts.append(f"{name} {s['throughput']:,.0f} {s['throughput_unit']}, {mfu}")
+    gflop = f"{base / 1e9:.3g} GFLOP/step" if base else "no FLOP count"
+    peak_s = f"{peak:g} TFLOP/s" if peak else "unknown (pass --peak-tflops)"
+    res.notes.append(f"throughput and MFU ({gflop}, XLA cost analysis of the baseline's step; "
+                     f"peak {peak_s}): " + "; ".join(parts))  # fmt: skip
 
 
 def missing(module: str) -> bool:
@@ -258,7 +368,9 @@ def _version(name: str) -> str | None:
 
 def write_json(results: list[CaseResult], path: str) -> None:
     """Writes the results and the environment as JSON."""
-    record = {"environment": environment(), "results": [asdict(r) for r in results]}
+    # ``speed`` only where measured (--gpu), so that a default run's record keeps its keys
+    cases = [{k: v for k, v in asdict(r).items() if k != "speed" or v} for r in results]
+    record = {"environment": environment(), "results": cases}
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
 
@@ -354,13 +466,17 @@ def measure_train_steps(
     y: jax.Array,
     steps: int,
     rounds: int,
+    *,
+    rtol: float = 1e-4,
+    speed: Speed | None = None,
 ) -> CaseResult:
     """Times train steps made by :func:`make_step`, after checking they compute one loss.
 
     Each implementation gets its own copy of its params (the steps donate them); its first
     call (trace, compile and one step) is timed as the compile time, and its first loss must
-    equal the baseline's (the first entry, plain JAX) to ``rtol=1e-4``. Each one's memory
-    is XLA's account of its compiled step (:func:`xla_memory_bytes`).
+    equal the baseline's (the first entry, plain JAX) to ``rtol``. Each one's memory
+    is XLA's account of its compiled step (:func:`xla_memory_bytes`); with ``speed``, the
+    case also gets each one's throughput and MFU (:func:`add_speed`).
 
     Args:
         case: the case's name.
@@ -370,9 +486,11 @@ def measure_train_steps(
         y: the targets (e.g. integer labels, shape ``(batch,)``).
         steps: train steps per timed ``run()``.
         rounds: interleaved rounds.
+        rtol: the relative tolerance of the first losses' agreement.
+        speed: the work per step, for throughput and MFU (``None``: neither).
     """
     before, _ = memory_high_water()
-    runs, first_losses, compile_s, memory = {}, {}, {}, {}
+    runs, first_losses, compile_s, memory, flops = {}, {}, {}, {}, {}
     for name, impl in impls.items():
         if isinstance(impl, StatefulStep):
             step, carry = impl
@@ -384,15 +502,28 @@ def measure_train_steps(
         carry = jax.block_until_ready(step(*carry, x, y))
         compile_s[name] = time.perf_counter() - t0
         first_losses[name] = float(carry[-1])
-        memory[name] = xla_memory_bytes(step, *carry, x, y)
+        if speed is None:
+            memory[name] = xla_memory_bytes(step, *carry, x, y)
+        else:  # one compilation for both accounts
+            try:
+                compiled = step.lower(*carry, x, y).compile()
+            except Exception:  # no .lower (Flax NNX's nnx.jit step)
+                memory[name] = flops[name] = None
+            else:
+                memory[name], flops[name] = (
+                    compiled_memory_bytes(compiled),
+                    compiled_flops(compiled),
+                )
         runs[name] = chained(step, carry, x, y, steps)
     base_name = next(iter(impls))
     base = first_losses[base_name]
     for name, loss in first_losses.items():
-        if not np.isclose(loss, base, rtol=1e-4):
+        if not np.isclose(loss, base, rtol=rtol):
             raise RuntimeError(f"{name} computes a different loss: {loss} vs {base_name} {base}")
     res = measure(case, runs, rounds=rounds, unit=f"{steps} steps")
     for t in res.timings:
         t.compile_s = compile_s[t.name]  # the first call: trace, compile and one step
         t.memory_bytes = memory[t.name]
+    if speed is not None:
+        add_speed(res, flops, speed, steps)
     return record_memory(res, before)

@@ -10,7 +10,8 @@ Peers (stax ships with JAX; Flax linen, Flax NNX, Haiku, Equinox when installed)
 alike, each written as its documentation teaches: Flax NNX with ``nnx.jit``, ``nnx.Optimizer``
 and ``nnx.value_and_grad`` (its objects updated in place, its graph walked on every call),
 the others as pure functions of their params inside one ``jax.jit``. ``--quick`` runs batch 8
-only, few rounds (a smoke run, not a measurement).
+only, few rounds (a smoke run, not a measurement). ``--gpu`` (``python -m benchmarks --gpu``)
+runs batch 4,096 in bfloat16 compute over float32 params, with throughput and MFU notes.
 """
 
 from __future__ import annotations
@@ -23,19 +24,32 @@ import numpy as np
 import optax
 
 import fundl as fl
-from benchmarks.harness import CaseResult, StatefulStep, make_step, measure_train_steps
+from benchmarks.harness import (
+    BF16_RTOL,
+    CaseResult,
+    GpuRun,
+    Speed,
+    StatefulStep,
+    in_dtype,
+    make_step,
+    measure_train_steps,
+)
 
 
 def _ce(logits, y):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    # float32 cross-entropy whatever the compute dtype (a no-op on float32 logits)
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
 
 
-def implementations(weights, opt) -> tuple[dict[str, tuple[Callable, object]], list[str]]:
+def implementations(
+    weights, opt, dtype=None
+) -> tuple[dict[str, tuple[Callable, object]], list[str]]:
     """``{name: (step, params)}`` for every implementation available, and skip notes.
 
     Args:
         weights: ``[(w1, b1), (w2, b2), (w3, b3)]`` shared initial weights.
         opt: the optax optimizer.
+        dtype: the compute dtype (``None``: the inputs'); params stay as ``weights``.
     """
     notes = []
     impls = {}
@@ -48,10 +62,11 @@ def implementations(weights, opt) -> tuple[dict[str, tuple[Callable, object]], l
         w, b = params[-1]
         return _ce(h @ w + b, y)
 
-    impls["plain JAX"] = (make_step(plain_loss, opt), [tuple(p) for p in weights])
+    impls["plain JAX"] = (make_step(in_dtype(plain_loss, dtype), opt), [tuple(p) for p in weights])
 
-    model = fl.serial(fl.flatten(), fl.dense(128), jax.nn.relu, fl.dense(64), jax.nn.relu,
-                      fl.dense(10))  # fmt: skip
+    model = fl.serial(fl.flatten(), fl.dense(128, dtype=dtype), jax.nn.relu,
+                      fl.dense(64, dtype=dtype), jax.nn.relu,
+                      fl.dense(10, dtype=dtype))  # fmt: skip
     _, state = model.init(jax.random.key(0), jnp.zeros((1, 28, 28)))
     fundl_params = ((), {"w": weights[0][0], "b": weights[0][1]}, (),
                     {"w": weights[1][0], "b": weights[1][1]}, (),
@@ -67,7 +82,8 @@ def implementations(weights, opt) -> tuple[dict[str, tuple[Callable, object]], l
     _, stax_apply = stax.serial(stax.Flatten, stax.Dense(128), stax.Relu, stax.Dense(64),
                                 stax.Relu, stax.Dense(10))  # fmt: skip
     stax_params = [(), tuple(weights[0]), (), tuple(weights[1]), (), tuple(weights[2])]
-    impls["stax"] = (make_step(lambda p, x, y: _ce(stax_apply(p, x), y), opt), stax_params)
+    stax_loss = in_dtype(lambda p, x, y: _ce(stax_apply(p, x), y), dtype)
+    impls["stax"] = (make_step(stax_loss, opt), stax_params)
 
     try:
         import flax.linen as nn
@@ -84,12 +100,13 @@ def implementations(weights, opt) -> tuple[dict[str, tuple[Callable, object]], l
         lp = {
             "params": {f"Dense_{i}": {"kernel": w, "bias": b} for i, (w, b) in enumerate(weights)}
         }
-        impls["flax linen"] = (make_step(lambda p, x, y: _ce(linen.apply(p, x), y), opt), lp)
+        linen_loss = in_dtype(lambda p, x, y: _ce(linen.apply(p, x), y), dtype)
+        impls["flax linen"] = (make_step(linen_loss, opt), lp)
     except ImportError:
         notes.append("flax not installed: flax linen skipped (pip install -e '.[bench]')")
 
     try:
-        impls["flax nnx"] = nnx_step(weights, opt)
+        impls["flax nnx"] = nnx_step(weights, opt, dtype)
     except ImportError:
         notes.append("flax not installed: flax nnx skipped (pip install -e '.[bench]')")
 
@@ -101,7 +118,8 @@ def implementations(weights, opt) -> tuple[dict[str, tuple[Callable, object]], l
 
         hk_model = hk.without_apply_rng(hk.transform(hk_forward))
         hp = {f"mlp/~/linear_{i}": {"w": w, "b": b} for i, (w, b) in enumerate(weights)}
-        impls["haiku"] = (make_step(lambda p, x, y: _ce(hk_model.apply(p, x), y), opt), hp)
+        hk_loss = in_dtype(lambda p, x, y: _ce(hk_model.apply(p, x), y), dtype)
+        impls["haiku"] = (make_step(hk_loss, opt), hp)
     except ImportError:
         notes.append("dm-haiku not installed: haiku skipped (pip install -e '.[bench]')")
 
@@ -120,7 +138,7 @@ def implementations(weights, opt) -> tuple[dict[str, tuple[Callable, object]], l
             m = eqx.combine(p, static)
             return _ce(jax.vmap(m)(x.reshape(x.shape[0], -1)), y)
 
-        impls["equinox"] = (make_step(eqx_loss, opt), params)
+        impls["equinox"] = (make_step(in_dtype(eqx_loss, dtype), opt), params)
     except ImportError:
         notes.append("equinox not installed: equinox skipped (pip install -e '.[bench]')")
     return impls, notes
@@ -147,14 +165,14 @@ def nnx_train_step(model, opt: optax.GradientTransformation, loss_of_model: Call
     return StatefulStep(step, (model, optimizer, jnp.zeros(())))
 
 
-def nnx_step(weights, opt) -> StatefulStep:
-    """The MLP in Flax NNX, from ``weights``, with :func:`nnx_train_step`."""
+def nnx_step(weights, opt, dtype=None) -> StatefulStep:
+    """The MLP in Flax NNX, from ``weights``, with :func:`nnx_train_step` (``dtype``: compute)."""
     from flax import nnx
 
     class MLP(nnx.Module):
         def __init__(self, rngs):
             sizes = [w.shape for w, _ in weights]
-            self.layers = nnx.List([nnx.Linear(*s, rngs=rngs) for s in sizes])
+            self.layers = nnx.List([nnx.Linear(*s, dtype=dtype, rngs=rngs) for s in sizes])
 
         def __call__(self, x):
             x = x.reshape(x.shape[0], -1)
@@ -168,8 +186,15 @@ def nnx_step(weights, opt) -> StatefulStep:
     return nnx_train_step(model, opt, lambda m, x, y: _ce(m(x), y))
 
 
-def run(quick: bool = False, batches: tuple[int, ...] = (8, 128)) -> list[CaseResult]:
-    """Runs the MLP cases; ``quick`` runs the first batch size only, few rounds and steps."""
+def run(
+    quick: bool = False, batches: tuple[int, ...] = (8, 128), gpu: GpuRun | None = None
+) -> list[CaseResult]:
+    """Runs the MLP cases; ``quick`` runs the first batch size only, few rounds and steps.
+
+    ``gpu``: batch 4,096 (``quick``: 8) in ``gpu.dtype`` compute, with throughput and MFU.
+    """
+    if gpu is not None:
+        return [gpu_case(quick, gpu)]
     rng = np.random.default_rng(0)
     init = jax.nn.initializers.glorot_uniform()
     keys = jax.random.split(jax.random.key(0), 3)
@@ -188,6 +213,28 @@ def run(quick: bool = False, batches: tuple[int, ...] = (8, 128)) -> list[CaseRe
         res.notes.extend(notes)
         results.append(res)
     return results
+
+
+def gpu_case(quick: bool, gpu: GpuRun, batch: int = 4096) -> CaseResult:
+    """The MLP step at a GPU's batch size in ``gpu.dtype`` (``quick``: batch 8, few rounds)."""
+    batch = 8 if quick else batch
+    rng = np.random.default_rng(0)
+    init = jax.nn.initializers.glorot_uniform()
+    keys = jax.random.split(jax.random.key(0), 3)
+    sizes = [(784, 128), (128, 64), (64, 10)]
+    opt = optax.adam(1e-3)
+    x = jnp.asarray(rng.standard_normal((batch, 28, 28)), gpu.dtype)
+    y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+    weights = [(init(k, s), jnp.zeros(s[1])) for k, s in zip(keys, sizes, strict=True)]
+    impls, notes = implementations(weights, opt, gpu.dtype)
+    steps = 2 if quick else 20
+    res = measure_train_steps(f"mlp train step, batch {batch}, {gpu.dtype.__name__}", impls,
+                              opt, x, y, steps, 3 if quick else 30, rtol=BF16_RTOL,
+                              speed=Speed(batch, "examples", gpu.peak_tflops))  # fmt: skip
+    res.notes.append(f"{gpu.dtype.__name__} compute over float32 params; the seed model's "
+                     "widths (784-128-64-10) are tiny: a small step even on a GPU")  # fmt: skip
+    res.notes.extend(notes)
+    return res
 
 
 if __name__ == "__main__":
