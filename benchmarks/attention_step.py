@@ -11,7 +11,10 @@ same weights and their first losses are compared before timing. Target: fundl <=
 the fastest implementation of the run.
 
 The compile time of deep stacks and a whole decoder block's train step are in
-``benchmarks.transformer_step`` (``--suite transformer``).
+``benchmarks.transformer_step`` (``--suite transformer``). ``--gpu`` (``python -m benchmarks
+--gpu``) runs batch 32, 1,024 positions, width 1,024, 16 heads in bfloat16 compute over
+float32 params, adds ``jax.nn.dot_product_attention`` with cuDNN on a GPU, and notes the
+throughput (tokens/s) and MFU.
 """
 
 from __future__ import annotations
@@ -22,13 +25,25 @@ import numpy as np
 import optax
 
 import fundl as fl
-from benchmarks.harness import CaseResult, make_step, measure_train_steps, missing, note_vs_fastest
+from benchmarks.harness import (
+    BF16_RTOL,
+    CaseResult,
+    GpuRun,
+    Speed,
+    in_dtype,
+    make_step,
+    measure_train_steps,
+    missing,
+    note_vs_fastest,
+)
 
 BATCH, TIME, WIDTH, HEADS = 8, 256, 256, 8
+GPU_SIZES = (32, 1024, 1024, 16)
+"""``--gpu``: batch, positions, width, heads."""
 
 
 def _mse(y, target):
-    return jnp.mean(jnp.square(y - target))
+    return jnp.mean(jnp.square(y.astype(target.dtype) - target))  # float32 target: f32 loss
 
 
 def _causal(t):
@@ -56,26 +71,36 @@ def _fused(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
 
 
+def _cudnn(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
 def _explicit(q, k, v):
     t, d = q.shape[1], q.shape[-1]
     logits = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(d).astype(np.float32)
     logits = jnp.where(_causal(t)[None, None], logits, jnp.finfo(logits.dtype).min)
-    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, axis=-1), v)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # float32 softmax, then v's dtype
+    return jnp.einsum("bhts,bshd->bthd", probs, v)
 
 
-def implementations(weights, x, heads):
+def implementations(weights, x, heads, dtype=None):
     """``{name: (loss(params, x, target), params)}`` for every implementation available.
 
     Args:
         weights: fundl-layout params of a ``multi_head_attention(heads)``.
         x: the input, ``(batch, time, width)``.
         heads: the number of heads.
+        dtype: the compute dtype (``None``: the input's); params stay as ``weights``.
     """
     notes, impls = [], {}
     batch, time_, width = x.shape
-    impls["jax.nn.dot_product_attention"] = (_hand_written(_fused, heads), weights)
-    impls["explicit softmax"] = (_hand_written(_explicit, heads), weights)
-    layer = fl.multi_head_attention(heads, is_causal=True)
+    impls["jax.nn.dot_product_attention"] = (in_dtype(_hand_written(_fused, heads), dtype),
+                                             weights)  # fmt: skip
+    if dtype is not None and jax.default_backend() == "gpu":
+        impls["jax.nn.dot_product_attention (cudnn)"] = (
+            in_dtype(_hand_written(_cudnn, heads), dtype), weights)  # fmt: skip
+    impls["explicit softmax"] = (in_dtype(_hand_written(_explicit, heads), dtype), weights)
+    layer = fl.multi_head_attention(heads, is_causal=True, dtype=dtype)
     _, state = layer.init(jax.random.key(0), x)
     impls["fundl"] = (lambda p, x, y: _mse(layer.apply(p, state, x)[0], y), weights)
     d = width // heads
@@ -94,7 +119,8 @@ def implementations(weights, x, heads):
                                "bias": weights["out"]["b"]}  # fmt: skip
         mask = nn.make_causal_mask(jnp.ones((batch, time_)))
 
-        impls["flax linen"] = (lambda p, x, y: _mse(linen.apply(p, x, mask=mask), y), lp)
+        linen_loss = in_dtype(lambda p, x, y: _mse(linen.apply(p, x, mask=mask), y), dtype)
+        impls["flax linen"] = (linen_loss, lp)
 
         model = nnx.MultiHeadAttention(heads, width, width, width, decode=False,
                                        rngs=nnx.Rngs(0))  # fmt: skip
@@ -108,7 +134,7 @@ def implementations(weights, x, heads):
         def nnx_loss(p, x, y):
             return _mse(nnx.merge(graphdef, p)(x, mask=mask, decode=False), y)
 
-        impls["flax nnx"] = (nnx_loss, nstate)
+        impls["flax nnx"] = (in_dtype(nnx_loss, dtype), nstate)
     except ImportError:
         notes.append("flax not installed: flax linen and nnx skipped (pip install -e '.[bench]')")
     try:
@@ -129,7 +155,7 @@ def implementations(weights, x, heads):
             m = eqx.combine(p, static)
             return _mse(jax.vmap(lambda s: m(s, s, s, mask=causal))(x), y)
 
-        impls["equinox"] = (eqx_loss, params)
+        impls["equinox"] = (in_dtype(eqx_loss, dtype), params)
     except ImportError:
         notes.append("equinox not installed: equinox skipped (pip install -e '.[bench]')")
     if missing("keras"):
@@ -139,31 +165,44 @@ def implementations(weights, x, heads):
     return impls, notes
 
 
-def attention_case(quick: bool) -> CaseResult:
-    """The train-step case; ``quick`` shrinks it to (2, 64, 64), 4 heads (a smoke run)."""
-    batch, time_, width, heads = (2, 64, 64, 4) if quick else (BATCH, TIME, WIDTH, HEADS)
+def attention_case(quick: bool, gpu: GpuRun | None = None) -> CaseResult:
+    """The train-step case; ``quick`` shrinks it to (2, 64, 64), 4 heads (a smoke run).
+
+    ``gpu``: :data:`GPU_SIZES` (unless ``quick``) in ``gpu.dtype``, with throughput and MFU.
+    """
+    batch, time_, width, heads = (
+        (2, 64, 64, 4) if quick else GPU_SIZES if gpu else (BATCH, TIME, WIDTH, HEADS)
+    )
+    dtype = gpu.dtype if gpu else None
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((batch, time_, width)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((batch, time_, width)), dtype or jnp.float32)
     target = jnp.asarray(rng.standard_normal((batch, time_, width)), jnp.float32)
     layer = fl.multi_head_attention(heads, is_causal=True)
     weights, _ = layer.init(jax.random.key(0), x)
     weights = jax.tree.map(lambda w: w + 0.01, weights)  # non-zero biases
     opt = optax.adam(1e-3)
-    impls, notes = implementations(weights, x, heads)
+    impls, notes = implementations(weights, x, heads, dtype)
     impls = {name: (make_step(loss, opt), params) for name, (loss, params) in impls.items()}
-    res = measure_train_steps(f"causal self-attention train step, batch {batch}, {time_} "
-                              f"positions, width {width}, {heads} heads", impls, opt, x, target,
-                              1 if quick else 3, 2 if quick else 15)  # fmt: skip
-    kernel = fl.attention._choose(None, jnp.float32, width // heads, False, False, False)
+    steps = 1 if quick else 3
+    case = (f"causal self-attention train step, batch {batch}, {time_} positions, width "
+            f"{width}, {heads} heads")  # fmt: skip
+    if gpu is None:
+        res = measure_train_steps(case, impls, opt, x, target, steps, 2 if quick else 15)
+    else:
+        speed = Speed(batch * time_, "tokens", gpu.peak_tflops)
+        res = measure_train_steps(f"{case}, {gpu.dtype.__name__}", impls, opt, x, target, steps,
+                                  2 if quick else 5, rtol=BF16_RTOL, speed=speed)  # fmt: skip
+    kernel_dtype = jnp.dtype(dtype or jnp.float32)
+    kernel = fl.attention._choose(None, kernel_dtype, width // heads, False, False, False)
     res.notes.append(f"{note_vs_fastest(res)}; fundl's kernel on {jax.default_backend()} "
-                     f"float32: {kernel}")  # fmt: skip
+                     f"{kernel_dtype.name}: {kernel}")  # fmt: skip
     res.notes.extend(notes)
     return res
 
 
-def run(quick: bool = False) -> list[CaseResult]:
+def run(quick: bool = False, gpu: GpuRun | None = None) -> list[CaseResult]:
     """The attention train-step case (the deep-stack compile case is in the transformer suite)."""
-    return [attention_case(quick)]
+    return [attention_case(quick, gpu)]
 
 
 if __name__ == "__main__":

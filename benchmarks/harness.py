@@ -204,7 +204,7 @@ def in_dtype(loss: Callable, dtype) -> Callable:
 
 
 def add_speed(res: CaseResult, flops: dict[str, float | None], speed: Speed, steps: int) -> None:
-    """Sets ``res.speed`` and adds notes: throughput and MFU of the baseline and fundl.
+    """Sets ``res.speed`` and adds a note: every implementation's throughput and MFU.
 
     MFU = the case's model FLOPs per step x steps per second / the peak, with the model FLOPs
     the baseline's (the first implementation's) XLA cost analysis: the implementations do the
@@ -222,10 +222,8 @@ def add_speed(res: CaseResult, flops: dict[str, float | None], speed: Speed, ste
             "model_tflops": tflops, "peak_tflops": peak,
             "mfu": tflops / peak if tflops is not None and peak else None,
         }  # fmt: skip
-    shown = [t.name for t in res.timings if t is res.timings[0] or t.name.startswith("fundl")]
     parts = []
-    for name in shown:
-        s = res.speed[name]
+    for name, s in res.speed.items():
         mfu = f"{100 * s['mfu']:.1f}% MFU" if s["mfu"] is not None else "MFU n/a"
         parts.append(f"{name} {s['throughput']:,.0f} {s['throughput_unit']}, {mfu}")
     gflop = f"{base / 1e9:.3g} GFLOP/step" if base else "no FLOP count"

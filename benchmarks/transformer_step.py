@@ -18,7 +18,11 @@
 
 ``--quick`` shrinks both to tiny sizes, and the stacks to depth 2 (a smoke run, not a
 measurement). The GPT-2-small
-language model's throughput and MFU on a GPU are ``benchmarks/gpt2.py``'s.
+language model's throughput and MFU on a GPU are ``benchmarks/gpt2.py``'s. ``--gpu``
+(``python -m benchmarks --gpu``) runs the block at batch 16, 1,024 positions, width 1,024, 16
+heads in bfloat16 compute over float32 params (fundl's block with ``dtype`` and bfloat16
+layer norms, as ``gpt2.py``; the hand-written one casts its params, layer norm statistics and
+softmax in float32) with throughput and MFU notes, and skips the compile-time case.
 """
 
 from __future__ import annotations
@@ -33,9 +37,13 @@ import optax
 
 import fundl as fl
 from benchmarks.harness import (
+    BF16_RTOL,
     CaseResult,
+    GpuRun,
+    Speed,
     Timing,
     compiled_memory_bytes,
+    in_dtype,
     make_step,
     measure_train_steps,
     memory_high_water,
@@ -45,19 +53,22 @@ from benchmarks.harness import (
 
 BLOCK = {"batch": 8, "time": 128, "width": 256, "heads": 8}
 BLOCK_QUICK = {"batch": 2, "time": 16, "width": 32, "heads": 2}
+BLOCK_GPU = {"batch": 16, "time": 1024, "width": 1024, "heads": 16}
 
 
 def _mse(y, target):
-    return jnp.mean(jnp.square(y - target))
+    return jnp.mean(jnp.square(y.astype(target.dtype) - target))  # float32 target: f32 loss
 
 
 def _layer_norm(p, x, eps=1e-5):
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+    xf = x.astype(jnp.float32)  # float32 statistics (a no-op on float32 inputs)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    scale, bias = p["scale"].astype(jnp.float32), p["bias"].astype(jnp.float32)
+    return ((xf - mean) * jax.lax.rsqrt(var + eps) * scale + bias).astype(x.dtype)
 
 
-def plain_block(params, x, heads: int):
+def plain_block(params, x, heads: int, attention: str = "explicit"):
     """The pre-norm decoder block by hand, over ``fl.decoder_block``'s params.
 
     Args:
@@ -65,6 +76,8 @@ def plain_block(params, x, heads: int):
             "up", "down"}}``, dense params ``{"w": (in, out), "b": (out,)}``.
         x: ``(batch, time, width)``.
         heads: the number of attention heads.
+        attention: ``"explicit"`` (softmax by hand), or ``jax.nn.dot_product_attention``'s
+            ``implementation`` (``"xla"``, ``"cudnn"``).
 
     Returns:
         ``(batch, time, width)``.
@@ -75,24 +88,34 @@ def plain_block(params, x, heads: int):
     h = _layer_norm(a["norm"], x)
     q, k, v = ((h @ a["attn"][n]["w"] + a["attn"][n]["b"]).reshape(b, t, heads, d)
                for n in ("query", "key", "value"))  # fmt: skip
-    logits = jnp.einsum("bthd,bshd->bhts", q, k) / np.float32(np.sqrt(d))
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
-    out = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, axis=-1), v).reshape(b, t, width)
+    if attention != "explicit":
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention)
+        out = out.reshape(b, t, width)
+    else:
+        logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) / np.float32(np.sqrt(d))
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # float32 softmax, then v's
+        out = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(b, t, width)
     x = x + out @ a["attn"]["out"]["w"] + a["attn"]["out"]["b"]
     m = params["mlp"]
     h = jax.nn.gelu(_layer_norm(m["norm"], x) @ m["up"]["w"] + m["up"]["b"])
     return x + h @ m["down"]["w"] + m["down"]["b"]
 
 
-def block_case(quick: bool) -> CaseResult:
-    """The decoder block's train step, fundl vs plain JAX."""
-    sizes = BLOCK_QUICK if quick else BLOCK
+def block_case(quick: bool, gpu: GpuRun | None = None) -> CaseResult:
+    """The decoder block's train step, fundl vs plain JAX (``gpu``: in ``gpu.dtype``)."""
+    sizes = BLOCK_QUICK if quick else BLOCK_GPU if gpu else BLOCK
     batch, t, width, heads = sizes["batch"], sizes["time"], sizes["width"], sizes["heads"]
+    dtype = gpu.dtype if gpu else None
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((batch, t, width)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((batch, t, width)), dtype or jnp.float32)
     target = jnp.asarray(rng.standard_normal((batch, t, width)), jnp.float32)
-    block = fl.decoder_block(width, heads)
+    if dtype is None:
+        block = fl.decoder_block(width, heads)
+    else:  # as benchmarks/gpt2.py: bfloat16 layer norms too
+        block = fl.decoder_block(width, heads, dtype=dtype,
+                                 norm=lambda: fl.layer_norm(dtype=dtype))  # fmt: skip
     weights, state = block.init(jax.random.key(0), x)
     weights = jax.tree.map(lambda w: w + 0.01, weights)  # non-zero biases
     opt = optax.adam(1e-3)
@@ -103,15 +126,36 @@ def block_case(quick: bool) -> CaseResult:
     def fundl_loss(p, x, y):
         return _mse(block.apply(p, state, x)[0], y)
 
-    impls = {"plain JAX": (make_step(plain_loss, opt), weights),
+    impls = {"plain JAX": (make_step(in_dtype(plain_loss, dtype), opt), weights),
              "fundl": (make_step(fundl_loss, opt), weights)}  # fmt: skip
-    res = measure_train_steps(f"decoder block train step, batch {batch}, {t} positions, width "
-                              f"{width}, {heads} heads", impls, opt, x, target,
-                              1 if quick else 5, 2 if quick else 30)  # fmt: skip
-    kernel = fl.attention._choose(None, jnp.float32, width // heads, False, False, False)
+    if gpu is not None:
+        kernel = "cudnn" if jax.default_backend() == "gpu" else "xla"  # as gpt2.py --impl plain
+
+        def fused_loss(p, x, y):
+            return _mse(plain_block(p, x, heads, kernel), y)
+
+        impls[f"plain JAX, jax.nn.dot_product_attention ({kernel})"] = (
+            make_step(in_dtype(fused_loss, dtype), opt), weights)  # fmt: skip
+    case = f"decoder block train step, batch {batch}, {t} positions, width {width}, {heads} heads"
+    steps = 1 if quick else 5
+    if gpu is None:
+        res = measure_train_steps(case, impls, opt, x, target, steps, 2 if quick else 30)
+    else:
+        steps = 1 if quick else 3
+        speed = Speed(batch * t, "tokens", gpu.peak_tflops)
+        res = measure_train_steps(f"{case}, {gpu.dtype.__name__}", impls, opt, x, target, steps,
+                                  2 if quick else 5, rtol=BF16_RTOL, speed=speed)  # fmt: skip
+    kernel_dtype = jnp.dtype(dtype or jnp.float32)
+    kernel = fl.attention._choose(None, kernel_dtype, width // heads, False, False, False)
+    backend = jax.default_backend()
     res.notes.append(f"fundl / plain JAX = {res.timings[1].ratio:.3f}; fundl's attention "
-                     f"kernel on {jax.default_backend()} float32: {kernel}")  # fmt: skip
+                     f"kernel on {backend} {kernel_dtype.name}: {kernel}")  # fmt: skip
     res.notes.append("no peer block wired in (the attention suite compares peers' attention)")
+    if gpu is not None:
+        res.notes.append("plain JAX: attention by an explicit softmax (the baseline: XLA counts "
+                         "its FLOPs) and by jax.nn.dot_product_attention (cuDNN on a GPU, a "
+                         "custom call XLA counts no FLOPs in)")  # fmt: skip
+        res.notes.append("compile-time case skipped under --gpu (run the suite without --gpu)")
     return res
 
 
@@ -161,8 +205,10 @@ def compile_case(quick: bool) -> CaseResult:
     return record_memory(res, before)
 
 
-def run(quick: bool = False) -> list[CaseResult]:
-    """The decoder block's train step and the deep-stack compile-time case."""
+def run(quick: bool = False, gpu: GpuRun | None = None) -> list[CaseResult]:
+    """The decoder block's train step and the deep-stack compile-time case (not with ``gpu``)."""
+    if gpu is not None:
+        return [block_case(quick, gpu)]
     return [block_case(quick), compile_case(quick)]
 
 
