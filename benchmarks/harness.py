@@ -100,11 +100,18 @@ off by far more than 3%.
 
 @dataclass(frozen=True)
 class Speed:
-    """What :func:`measure_train_steps` needs for throughput and MFU: ``items`` per step."""
+    """What :func:`measure_train_steps` needs for throughput and MFU: ``items`` per step.
+
+    ``model_flops``: the FLOPs of one step where XLA's cost analysis cannot count them (it
+    counts a loop's body once, whatever its trip count: a ``lax.scan`` over time), and
+    ``flops_source`` says where they come from.
+    """
 
     items: int
     unit: str
     peak_tflops: float | None = None
+    model_flops: float | None = None
+    flops_source: str = ""
 
 
 def memory_high_water() -> tuple[int | None, str]:
@@ -207,18 +214,21 @@ def add_speed(res: CaseResult, flops: dict[str, float | None], speed: Speed, ste
     """Sets ``res.speed`` and adds a note: every implementation's throughput and MFU.
 
     MFU = the case's model FLOPs per step x steps per second / the peak, with the model FLOPs
-    the baseline's (the first implementation's) XLA cost analysis: the implementations do the
-    same work, and XLA counts no FLOPs in custom calls such as cuDNN's attention. Each
-    implementation's own count is kept as ``xla_flops_per_step``.
+    ``speed.model_flops`` if given, else the baseline's (the first implementation's) XLA cost
+    analysis: the implementations do the same work, and XLA counts no FLOPs in custom calls
+    such as cuDNN's attention. Each implementation's own count is kept as
+    ``xla_flops_per_step``.
     """
-    base = flops.get(res.timings[0].name)
+    base = speed.model_flops or flops.get(res.timings[0].name)
+    source = speed.flops_source if speed.model_flops else "XLA cost analysis of the baseline's step"
     peak = speed.peak_tflops
     for t in res.timings:
         per_s = steps / t.median_s
         tflops = base * per_s / 1e12 if base else None
         res.speed[t.name] = {
             "throughput": speed.items * per_s, "throughput_unit": f"{speed.unit}/s",
-            "model_flops_per_step": base, "xla_flops_per_step": flops.get(t.name),
+            "model_flops_per_step": base, "model_flops_source": source,
+            "xla_flops_per_step": flops.get(t.name),
             "model_tflops": tflops, "peak_tflops": peak,
             "mfu": tflops / peak if tflops is not None and peak else None,
         }  # fmt: skip
@@ -228,8 +238,8 @@ def add_speed(res: CaseResult, flops: dict[str, float | None], speed: Speed, ste
         parts.append(f"{name} {s['throughput']:,.0f} {s['throughput_unit']}, {mfu}")
     gflop = f"{base / 1e9:.3g} GFLOP/step" if base else "no FLOP count"
     peak_s = f"{peak:g} TFLOP/s" if peak else "unknown (pass --peak-tflops)"
-    res.notes.append(f"throughput and MFU ({gflop}, XLA cost analysis of the baseline's step; "
-                     f"peak {peak_s}): " + "; ".join(parts))  # fmt: skip
+    res.notes.append(f"throughput and MFU ({gflop}, {source}; peak {peak_s}): "
+                     + "; ".join(parts))  # fmt: skip
 
 
 def missing(module: str) -> bool:

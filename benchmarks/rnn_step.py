@@ -23,6 +23,12 @@ Equinox (``LSTMCell`` under ``lax.scan`` and ``vmap``) and Keras 3 on the JAX ba
 (``pip install -e '.[bench]'``), and skipped with a note otherwise.
 
     python -m benchmarks.rnn_step [--rounds 7] [--steps 5] [--unroll 1] [--only flax] [--quick]
+
+``python -m benchmarks --gpu`` runs batch 256, 256 steps, 512 inputs, 1,024 hidden in
+bfloat16 (inputs and carry; float32 params cast in the loss, fundl's cell with ``dtype``) with
+throughput (tokens = batch x steps) and MFU notes; Equinox is the one peer whose bfloat16 setup
+is a plain cast (Flax linen's carry follows its cells' float32 ``param_dtype``; Keras 3 sets
+precision by a global dtype policy), and the compile-time ratio is left to the CPU run.
 """
 
 from __future__ import annotations
@@ -37,15 +43,31 @@ import numpy as np
 import optax
 
 import fundl as fl
-from benchmarks.harness import CaseResult, make_step, measure_train_steps, note_vs_fastest
+from benchmarks.harness import (
+    BF16_RTOL,
+    CaseResult,
+    GpuRun,
+    Speed,
+    in_dtype,
+    make_step,
+    measure_train_steps,
+    note_vs_fastest,
+)
 
 SIZES = {"batch": 32, "time": 128, "features": 64, "hidden": 256}
 QUICK = {"batch": 2, "time": 4, "features": 3, "hidden": 5}
 """The tiny sizes of ``--quick`` (a smoke run, not a measurement)."""
+GPU = {"batch": 256, "time": 256, "features": 512, "hidden": 1024}
+"""The sizes of ``--gpu``."""
+GPU_SKIPS = {
+    "flax": "nn.RNN's carry takes its cell's param_dtype (float32), so no plain bfloat16 run",
+    "keras": "Keras 3 sets bfloat16 by a global dtype policy, not by a cast in the loss",
+}
+"""Peers that ``--gpu`` skips (by module), and why."""
 
 
 def mse(ys: jax.Array, y: jax.Array) -> jax.Array:
-    return jnp.mean(jnp.square(ys - y))
+    return jnp.mean(jnp.square(ys.astype(y.dtype) - y))  # float32 targets: a float32 loss
 
 
 def _plain_loss(hoist: bool, unroll: int):
@@ -149,7 +171,7 @@ PEERS = {
 }
 
 
-def implementations(weights, opt, unroll: int = 1, only: str | None = None):
+def implementations(weights, opt, unroll: int = 1, only: str | None = None, dtype=None):
     """``{name: (step, params)}`` for every implementation available, and skip notes.
 
     Args:
@@ -157,20 +179,27 @@ def implementations(weights, opt, unroll: int = 1, only: str | None = None):
         opt: the optax optimizer.
         unroll: the scan's unroll of fundl and the hand-written references.
         only: run only the peers whose name contains this.
+        dtype: the compute dtype (``None``: the input's); the peers of :data:`GPU_SKIPS`
+            are skipped with a note when it is set.
     """
     hidden = weights["wh"].shape[0]
-    layer = fl.rnn(fl.lstm_cell(hidden), unroll=unroll)
+    layer = fl.rnn(fl.lstm_cell(hidden, dtype=dtype), unroll=unroll)
+    hoisted = in_dtype(_plain_loss(True, unroll), dtype)
     impls = {
-        "plain JAX lax.scan": (_plain_loss(False, unroll), weights),
-        "plain JAX lax.scan, hoisted projection": (_plain_loss(True, unroll), weights),
+        "plain JAX lax.scan": (in_dtype(_plain_loss(False, unroll), dtype), weights),
+        "plain JAX lax.scan, hoisted projection": (hoisted, weights),
         "fundl rnn(lstm_cell)": (lambda p, x, y: mse(layer.apply(p, (), x)[0], y), weights),
     }
     notes = []
     for label, (make, module) in PEERS.items():
         if only and only not in label:
             continue
+        if dtype is not None and module in GPU_SKIPS:
+            notes.append(f"{label} skipped in {jnp.dtype(dtype).name}: {GPU_SKIPS[module]}")
+            continue
         try:
-            impls[label] = make(weights)
+            loss, params = make(weights)
+            impls[label] = (in_dtype(loss, dtype), params)
         except ImportError as err:
             notes.append(f"{module} not installed: {label} skipped ({err}; "
                          "pip install -e '.[bench]')")  # fmt: skip
@@ -196,24 +225,43 @@ def run(
     steps: int | None = None,
     unroll: int = 1,
     only: str | None = None,
+    gpu: GpuRun | None = None,
 ) -> list[CaseResult]:
-    """The LSTM train-step case; ``quick`` uses tiny sizes and one short round."""
-    sizes = QUICK if quick else SIZES
-    rounds = rounds or (1 if quick else 7)
-    steps = steps or (1 if quick else 5)
+    """The LSTM train-step case; ``quick`` uses tiny sizes and one short round.
+
+    ``gpu``: :data:`GPU` sizes (unless ``quick``) in ``gpu.dtype``, with throughput and MFU,
+    without the compile-time ratio.
+    """
+    sizes = QUICK if quick else GPU if gpu else SIZES
+    rounds = rounds or (1 if quick else 5 if gpu else 7)
+    steps = steps or (1 if quick else 2 if gpu else 5)
+    dtype = gpu.dtype if gpu else None
     b, t, f, h = sizes["batch"], sizes["time"], sizes["features"], sizes["hidden"]
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((b, t, f)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((b, t, f)), dtype or jnp.float32)
     y = jnp.asarray(rng.standard_normal((b, t, h)), jnp.float32)
-    weights, _ = fl.rnn(fl.lstm_cell(h)).init(jax.random.key(0), x)
+    weights, _ = fl.rnn(fl.lstm_cell(h)).init(jax.random.key(0), x.astype(jnp.float32))
     opt = optax.adam(1e-3)
-    impls, notes = implementations(weights, opt, unroll, only)
-    res = measure_train_steps(f"lstm train step, batch {b}, {t} steps, {f} inputs, {h} hidden",
-                              impls, opt, x, y, steps, rounds)  # fmt: skip
+    impls, notes = implementations(weights, opt, unroll, only, dtype)
+    case = f"lstm train step, batch {b}, {t} steps, {f} inputs, {h} hidden"
+    if gpu is None:
+        res = measure_train_steps(case, impls, opt, x, y, steps, rounds)
+    else:
+        # XLA's cost analysis counts a scan's body once: the matmuls' FLOPs by hand instead,
+        # 2 per multiply-add of x W_i and h W_h over every step, forward and backward (3x)
+        flops = 3 * 2 * b * t * (f + h) * 4 * h
+        speed = Speed(b * t, "tokens", gpu.peak_tflops, model_flops=flops,
+                      flops_source="the matmuls, 6 B T (in + H) 4H")  # fmt: skip
+        res = measure_train_steps(f"{case}, {gpu.dtype.__name__}", impls, opt, x, y, steps,
+                                  rounds, rtol=BF16_RTOL, speed=speed)  # fmt: skip
     _, hoisted, fundl = res.timings[:3]
     vs_hoisted = fundl.median_s / hoisted.median_s
     res.notes.append(f"fundl / plain JAX lax.scan = {fundl.ratio:.3f} (/ the hoisted one = "
                      f"{vs_hoisted:.3f}); {note_vs_fastest(res, fundl.name)}")  # fmt: skip
+    if gpu is not None:
+        res.notes.append("compile(1024) / compile(16) not measured under --gpu (see the CPU run)")
+        res.notes.extend(notes)
+        return [res]
     # Compile time at 16 and 1,024 steps, interleaved, medians (one pair in a quick run).
     c16s, c1024s = [], []
     for _ in range(1 if quick else 5):
