@@ -185,3 +185,41 @@ def test_harness_table_json_and_plot(tmp_path):
         assert plot([res], str(tmp_path / "r.png")) is False
     else:
         assert plot([res], str(tmp_path / "r.png")) is True
+
+
+def test_gpu_option_smoke(tmp_path):
+    """``--gpu --quick``: bfloat16 cases with throughput and MFU in the notes and the JSON.
+
+    Tiny sizes in bfloat16 on the CPU (the code path of the GPU run, not its sizes); the
+    peak is given, as the CPU has none in ``benchmarks.gpt2``'s table. Structure only.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+    path = tmp_path / "gpu.json"
+    args = [sys.executable, "-m", "benchmarks", "--gpu", "--quick", "--peak-tflops", "1",
+            "--suite", "mlp", "--suite", "fit", "--json", str(path)]  # fmt: skip
+    proc = subprocess.run(args, cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "--gpu: compute dtype bfloat16, peak 1 TFLOP/s" in proc.stdout
+    assert "fit suite skipped under --gpu" in proc.stdout
+    (case,) = json.loads(path.read_text())["results"]  # mlp only: fit skipped
+    assert case["case"] == "mlp train step, batch 8, bfloat16"
+    assert _names(case)[:3] == ["plain JAX", "fundl", "stax"]
+    assert set(case["speed"]) == set(_names(case))
+    for name, speed in case["speed"].items():
+        assert speed["throughput_unit"] == "examples/s" and speed["throughput"] > 0
+        assert speed["model_flops_per_step"] > 0 and speed["peak_tflops"] == 1
+        assert 0 < speed["mfu"] == speed["model_tflops"] / 1, name
+    assert case["speed"]["plain JAX"]["xla_flops_per_step"] > 0
+    (note,) = [n for n in case["notes"] if n.startswith("throughput and MFU (")]
+    assert "XLA cost analysis of the baseline's step; peak 1 TFLOP/s" in note
+    for name in ("plain JAX", "fundl"):
+        assert f"; {name} " in f"; {note.split('): ', 1)[1]}" and "% MFU" in note
+    assert note in proc.stdout
+
+
+def test_default_run_writes_no_speed(quick):
+    """Without ``--gpu`` the JSON record keeps its keys: no ``speed`` entry."""
+    _, records, _ = quick
+    assert not any("speed" in case for case in _cases(records).values())
