@@ -6,7 +6,8 @@ One causal self-attention layer (batch 8, 256 positions, width 256, 8 heads): fo
 mean-squared error, grad, adam update; params and optimizer state donated. Baseline: the
 same computation hand-written with ``jax.nn.dot_product_attention`` (its XLA path); also
 hand-written explicit softmax, fundl (its default kernel for this backend and dtype), and
-Flax linen's, Flax NNX's and Equinox's attention layers when installed. All start from the
+Flax linen's, Flax NNX's, Equinox's and Keras 3's (through ``stateless_call``) attention
+layers when installed. All start from the
 same weights and their first losses are compared before timing. Target: fundl <= 1.0x
 the fastest implementation of the run.
 
@@ -25,6 +26,7 @@ import numpy as np
 import optax
 
 import fundl as fl
+from benchmarks import keras_peer
 from benchmarks.harness import (
     BF16_RTOL,
     CaseResult,
@@ -33,7 +35,6 @@ from benchmarks.harness import (
     in_dtype,
     make_step,
     measure_train_steps,
-    missing,
     note_vs_fastest,
 )
 
@@ -158,10 +159,26 @@ def implementations(weights, x, heads, dtype=None):
         impls["equinox"] = (in_dtype(eqx_loss, dtype), params)
     except ImportError:
         notes.append("equinox not installed: equinox skipped (pip install -e '.[bench]')")
-    if missing("keras"):
-        notes.append("keras not installed: keras skipped (pip install -e '.[bench]')")
+    if dtype is not None:
+        notes.append(keras_peer.GPU_NOTE)
     else:
-        notes.append("keras 3 attention not wired in (different backend setup)")
+        try:
+            keras = keras_peer.import_keras()
+            mha = keras.layers.MultiHeadAttention(heads, d)
+            mha.build(x.shape, x.shape)
+            kp = [a for n in ("query", "key", "value") for a in heads_in(weights[n]).values()]
+            kp += [weights["out"]["w"].reshape(heads, d, width), weights["out"]["b"]]
+            mha.set_weights([np.asarray(a) for a in kp])
+            fixed = [v.value for v in mha.non_trainable_variables]
+
+            def keras_loss(p, x, y):
+                out, _ = mha.stateless_call(p, fixed, x, x, use_causal_mask=True)
+                return _mse(out, y)
+
+            trainable = [v.value for v in mha.trainable_variables]
+            impls["keras 3 stateless_call"] = (keras_loss, trainable)
+        except ImportError:
+            notes.append(keras_peer.SKIP_NOTE)
     return impls, notes
 
 

@@ -8,7 +8,8 @@ conv 5x5 (6, SAME) -> relu -> avg_pool 2x2 -> conv 5x5 (16, VALID) -> relu -> av
 softmax cross-entropy, grad, optax adam update; params and optimizer state donated) is
 written in fundl, by hand in plain JAX (``lax.conv_general_dilated`` and
 ``lax.reduce_window``), in stax, and in Flax linen, Flax NNX (its documented ``nnx.jit``
-step, see ``benchmarks.mlp_step``) and Haiku when installed. Every implementation starts from
+step, see ``benchmarks.mlp_step``), Haiku and Keras 3 (``train_on_batch`` and
+``stateless_call``, see ``benchmarks.keras_peer``) when installed. Every implementation starts from
 the same weights and their first losses are compared before timing. Target: fundl / plain
 JAX <= 1.02 at both sizes. ``--quick`` runs batch 8 only, few rounds (a smoke run).
 ``--gpu`` (``python -m benchmarks --gpu``) runs batch 1,024 in bfloat16 compute over float32
@@ -26,6 +27,7 @@ import optax
 from jax import lax
 
 import fundl as fl
+from benchmarks import keras_peer
 from benchmarks.harness import (
     BF16_RTOL,
     CaseResult,
@@ -35,7 +37,7 @@ from benchmarks.harness import (
     make_step,
     measure_train_steps,
 )
-from benchmarks.mlp_step import _ce, nnx_train_step
+from benchmarks.mlp_step import LEARNING_RATE, _ce, nnx_train_step
 
 CONV_SHAPES = [(5, 5, 1, 6), (5, 5, 6, 16)]
 DENSE_SHAPES = [(400, 120), (120, 84), (84, 10)]
@@ -62,7 +64,7 @@ def implementations(
     """
     notes = []
     impls = {}
-    opt = optax.adam(1e-3)
+    opt = optax.adam(LEARNING_RATE)
 
     def plain_loss(params, x, y):
         (w1, b1), (w2, b2), *dense = params
@@ -157,7 +159,30 @@ def implementations(
         impls["haiku"] = (make_step(hk_loss, opt), hp)
     except ImportError:
         notes.append("dm-haiku not installed: haiku skipped (pip install -e '.[bench]')")
+
+    if dtype is not None:
+        notes.append(keras_peer.GPU_NOTE)
+    else:
+        try:
+            weights = [a for wb in [*convs, *denses] for a in wb]
+            impls.update(keras_peer.keras_steps(_keras_lenet, weights, _ce, opt, LEARNING_RATE))
+        except ImportError:
+            notes.append(keras_peer.SKIP_NOTE)
     return impls, notes
+
+
+def _keras_lenet():
+    keras = keras_peer.import_keras()
+    layers = keras.layers
+    return keras.Sequential([
+        keras.Input((28, 28, 1)),
+        layers.Conv2D(6, 5, padding="same", activation="relu"), layers.AveragePooling2D(2),
+        layers.Conv2D(16, 5, padding="valid", activation="relu"), layers.AveragePooling2D(2),
+        layers.Flatten(),
+        layers.Dense(120, activation="relu"),
+        layers.Dense(84, activation="relu"),
+        layers.Dense(10),
+    ])  # fmt: skip
 
 
 def _nnx_step(convs, denses, opt, dtype=None):
@@ -196,7 +221,7 @@ def run(
     rng = np.random.default_rng(0)
     init = jax.nn.initializers.glorot_uniform()
     keys = jax.random.split(jax.random.key(0), 5)
-    opt = optax.adam(1e-3)
+    opt = optax.adam(LEARNING_RATE)
     results = []
     for batch in batches[:1] if quick else batches:
         x = jnp.asarray(rng.standard_normal((batch, 28, 28, 1)), jnp.float32)
@@ -221,7 +246,7 @@ def gpu_case(quick: bool, gpu: GpuRun, batch: int = 1024) -> CaseResult:
     rng = np.random.default_rng(0)
     init = jax.nn.initializers.glorot_uniform()
     keys = jax.random.split(jax.random.key(0), 5)
-    opt = optax.adam(1e-3)
+    opt = optax.adam(LEARNING_RATE)
     x = jnp.asarray(rng.standard_normal((batch, 28, 28, 1)), gpu.dtype)
     y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
     convs = [(init(k, s), jnp.zeros(s[-1])) for k, s in zip(keys[:2], CONV_SHAPES, strict=True)]

@@ -6,10 +6,12 @@ The same step (forward, softmax cross-entropy, grad, optax adam update; params a
 state donated) on MNIST-shaped batches (batch, 28, 28), at batch 8 and 128. Every
 implementation starts from the same weights, and their first losses are compared before
 timing, so all compute the same thing. Target: fundl / plain JAX <= 1.02 at both sizes.
-Peers (stax ships with JAX; Flax linen, Flax NNX, Haiku, Equinox when installed) are timed
-alike, each written as its documentation teaches: Flax NNX with ``nnx.jit``, ``nnx.Optimizer``
-and ``nnx.value_and_grad`` (its objects updated in place, its graph walked on every call),
-the others as pure functions of their params inside one ``jax.jit``. ``--quick`` runs batch 8
+Peers (stax ships with JAX; Flax linen, Flax NNX, Haiku, Equinox, Keras 3 when installed)
+are timed alike, each written as its documentation teaches: Flax NNX with ``nnx.jit``,
+``nnx.Optimizer`` and ``nnx.value_and_grad`` (its objects updated in place, its graph walked
+on every call), Keras 3 both with ``train_on_batch`` and as ``stateless_call`` in a jitted
+step (``benchmarks.keras_peer``), the others as pure functions of their params inside one
+``jax.jit``. ``--quick`` runs batch 8
 only, few rounds (a smoke run, not a measurement). ``--gpu`` (``python -m benchmarks --gpu``)
 runs batch 4,096 in bfloat16 compute over float32 params, with throughput and MFU notes.
 """
@@ -24,6 +26,7 @@ import numpy as np
 import optax
 
 import fundl as fl
+from benchmarks import keras_peer
 from benchmarks.harness import (
     BF16_RTOL,
     CaseResult,
@@ -34,6 +37,9 @@ from benchmarks.harness import (
     make_step,
     measure_train_steps,
 )
+
+LEARNING_RATE = 1e-3
+"""Adam's learning rate in every implementation."""
 
 
 def _ce(logits, y):
@@ -141,7 +147,24 @@ def implementations(
         impls["equinox"] = (make_step(in_dtype(eqx_loss, dtype), opt), params)
     except ImportError:
         notes.append("equinox not installed: equinox skipped (pip install -e '.[bench]')")
+
+    if dtype is not None:
+        notes.append(keras_peer.GPU_NOTE)
+    else:
+        try:
+            impls.update(keras_peer.keras_steps(_keras_mlp, [a for wb in weights for a in wb],
+                                                _ce, opt, LEARNING_RATE))  # fmt: skip
+        except ImportError:
+            notes.append(keras_peer.SKIP_NOTE)
     return impls, notes
+
+
+def _keras_mlp():
+    keras = keras_peer.import_keras()
+    return keras.Sequential([keras.Input((28, 28)), keras.layers.Flatten(),
+                             keras.layers.Dense(128, activation="relu"),
+                             keras.layers.Dense(64, activation="relu"),
+                             keras.layers.Dense(10)])  # fmt: skip
 
 
 def nnx_train_step(model, opt: optax.GradientTransformation, loss_of_model: Callable):
@@ -199,7 +222,7 @@ def run(
     init = jax.nn.initializers.glorot_uniform()
     keys = jax.random.split(jax.random.key(0), 3)
     sizes = [(784, 128), (128, 64), (64, 10)]
-    opt = optax.adam(1e-3)
+    opt = optax.adam(LEARNING_RATE)
     results = []
     for batch in batches[:1] if quick else batches:
         x = jnp.asarray(rng.standard_normal((batch, 28, 28)), jnp.float32)
@@ -222,7 +245,7 @@ def gpu_case(quick: bool, gpu: GpuRun, batch: int = 4096) -> CaseResult:
     init = jax.nn.initializers.glorot_uniform()
     keys = jax.random.split(jax.random.key(0), 3)
     sizes = [(784, 128), (128, 64), (64, 10)]
-    opt = optax.adam(1e-3)
+    opt = optax.adam(LEARNING_RATE)
     x = jnp.asarray(rng.standard_normal((batch, 28, 28)), gpu.dtype)
     y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
     weights = [(init(k, s), jnp.zeros(s[1])) for k, s in zip(keys, sizes, strict=True)]
