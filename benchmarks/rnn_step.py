@@ -66,6 +66,10 @@ GPU_SKIPS = {
 """Peers that ``--gpu`` skips (by module), and why."""
 
 
+FUSED = "fundl rnn(lstm_cell, fused_backward=True)"
+"""fundl with the params' gradients fused after the backward loop (reverse mode only)."""
+
+
 def mse(ys: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(ys.astype(y.dtype) - y))  # float32 targets: a float32 loss
 
@@ -184,11 +188,13 @@ def implementations(weights, opt, unroll: int = 1, only: str | None = None, dtyp
     """
     hidden = weights["wh"].shape[0]
     layer = fl.rnn(fl.lstm_cell(hidden, dtype=dtype), unroll=unroll)
+    fused = fl.rnn(fl.lstm_cell(hidden, dtype=dtype), unroll=unroll, fused_backward=True)
     hoisted = in_dtype(_plain_loss(True, unroll), dtype)
     impls = {
         "plain JAX lax.scan": (in_dtype(_plain_loss(False, unroll), dtype), weights),
         "plain JAX lax.scan, hoisted projection": (hoisted, weights),
         "fundl rnn(lstm_cell)": (lambda p, x, y: mse(layer.apply(p, (), x)[0], y), weights),
+        FUSED: (lambda p, x, y: mse(fused.apply(p, (), x)[0], y), weights),
     }
     notes = []
     for label, (make, module) in PEERS.items():
@@ -254,10 +260,12 @@ def run(
                       flops_source="the matmuls, 6 B T (in + H) 4H")  # fmt: skip
         res = measure_train_steps(f"{case}, {gpu.dtype.__name__}", impls, opt, x, y, steps,
                                   rounds, rtol=BF16_RTOL, speed=speed)  # fmt: skip
-    _, hoisted, fundl = res.timings[:3]
+    _, hoisted, fundl, fused = res.timings[:4]
     vs_hoisted = fundl.median_s / hoisted.median_s
     res.notes.append(f"fundl / plain JAX lax.scan = {fundl.ratio:.3f} (/ the hoisted one = "
                      f"{vs_hoisted:.3f}); {note_vs_fastest(res, fundl.name)}")  # fmt: skip
+    res.notes.append(f"with fused_backward=True: fundl / plain JAX lax.scan = {fused.ratio:.3f}; "
+                     f"{note_vs_fastest(res, fused.name)}")  # fmt: skip
     if gpu is not None:
         res.notes.append("compile(1024) / compile(16) not measured under --gpu (see the CPU run)")
         res.notes.extend(notes)

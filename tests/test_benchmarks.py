@@ -105,11 +105,13 @@ def test_every_suite_runs_every_case(quick):
 def test_rnn_suite(quick):
     _, records, _ = quick
     case = _case(records, "lstm train step, batch 2, 4 steps")
-    assert _names(case)[:3] == ["plain JAX lax.scan", "plain JAX lax.scan, hoisted projection",
-                                "fundl rnn(lstm_cell)"]  # fmt: skip
+    assert _names(case)[:4] == ["plain JAX lax.scan", "plain JAX lax.scan, hoisted projection",
+                                "fundl rnn(lstm_cell)",
+                                "fundl rnn(lstm_cell, fused_backward=True)"]  # fmt: skip
     assert case["notes"][0].startswith("fundl / plain JAX lax.scan = ")
     assert "fundl rnn(lstm_cell) / fastest (" in case["notes"][0]
-    assert "compile(1024) / compile(16) = " in case["notes"][1]
+    assert case["notes"][1].startswith("with fused_backward=True: fundl / plain JAX lax.scan = ")
+    assert "compile(1024) / compile(16) = " in case["notes"][2]
 
 
 def test_attention_and_transformer_suites(quick):

@@ -11,6 +11,7 @@ from tests.registry import LAYERS
 def test_layer_contract(descriptor):
     @given(descriptor.cases)
     def check(case):
-        check_layer(case.layer, *case.inputs, train=case.train, output_shapes=case.output_shapes)
+        check_layer(case.layer, *case.inputs, train=case.train, output_shapes=case.output_shapes,
+                    grad_modes=case.grad_modes)  # fmt: skip
 
     check()

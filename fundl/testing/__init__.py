@@ -18,7 +18,7 @@ Requires hypothesis only for ``fundl.testing.strategies`` (``pip install fundl[t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -85,6 +85,7 @@ def check_layer(
     grad_atol: float | None = None,
     grad_rtol: float | None = None,
     eps: float | None = None,
+    grad_modes: Sequence[str] = ("fwd", "rev"),
 ) -> tuple[Any, Any]:
     """Asserts that ``layer`` keeps the fundl layer contract on ``inputs``.
 
@@ -100,7 +101,7 @@ def check_layer(
     5. ``jax.vmap`` over an extra leading axis of the inputs agrees with a Python loop.
     6. Gradients of a random linear function of the floating outputs, with respect to the
        params and the floating inputs, agree with finite differences in float64, forward and
-       reverse mode (``jax.test_util.check_grads``).
+       reverse mode (``jax.test_util.check_grads``; ``grad_modes`` picks the modes).
 
     Args:
         layer: the layer under test.
@@ -115,6 +116,9 @@ def check_layer(
         grad_atol: absolute tolerance of check 6 (default: ``check_grads``'s).
         grad_rtol: relative tolerance of check 6.
         eps: the finite-difference step of check 6.
+        grad_modes: the autodiff modes of check 6: ``("rev",)`` for a layer that is
+            differentiable in reverse mode only, such as ``fl.rnn(..., fused_backward=True)``
+            (a ``jax.custom_vjp``).
 
     Returns:
         ``(outputs, new_state)`` of the eager call, in float64, for further assertions.
@@ -162,7 +166,7 @@ def check_layer(
         if vmap:
             _check_vmap(name, run, params, state, inputs, atol, rtol)
         if grads:
-            _check_grads(run, params, state, inputs, outputs, grad_atol, grad_rtol, eps)
+            _check_grads(run, params, state, inputs, outputs, grad_atol, grad_rtol, eps, grad_modes)
         return outputs, new_state
 
 
@@ -178,7 +182,7 @@ def _check_vmap(name, run, params, state, inputs, atol, rtol):
     assert_trees_close(batched, looped, atol=atol, rtol=rtol, what=f"{name}: vmap vs loop")
 
 
-def _check_grads(run, params, state, inputs, outputs, atol, rtol, eps):
+def _check_grads(run, params, state, inputs, outputs, atol, rtol, eps, modes):
     float_idx = [i for i, x in enumerate(inputs) if _is_float(x)]
     out_leaves, out_def = jax.tree_util.tree_flatten(outputs)
     probe_keys = jax.random.split(jax.random.key(1), len(out_leaves))
@@ -198,7 +202,7 @@ def _check_grads(run, params, state, inputs, outputs, atol, rtol, eps):
 
     del out_def
     args = (params, *(inputs[i] for i in float_idx))
-    check_grads(jax.jit(scalar), args, order=1, modes=("fwd", "rev"), atol=atol, rtol=rtol, eps=eps)
+    check_grads(jax.jit(scalar), args, order=1, modes=tuple(modes), atol=atol, rtol=rtol, eps=eps)
 
 
 @contextlib.contextmanager

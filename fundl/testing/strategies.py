@@ -81,12 +81,15 @@ class LayerCase(NamedTuple):
         inputs: a tuple of input arrays (NumPy, float32 unless stated).
         output_shapes: the documented shape of the output (a pytree of shape tuples).
         train: whether to apply it in training mode.
+        grad_modes: the autodiff modes its gradients support (``check_layer``'s
+            ``grad_modes``): ``("rev",)`` for reverse mode only.
     """
 
     layer: Layer
     inputs: tuple[Any, ...]
     output_shapes: Any
     train: bool = False
+    grad_modes: tuple[str, ...] = ("fwd", "rev")
 
 
 def batch_sizes(max_size: int = 4) -> st.SearchStrategy[int]:
@@ -639,12 +642,13 @@ def _lengths(draw: st.DrawFn, batch: int, time: int) -> np.ndarray:
 def rnn_cases(draw: st.DrawFn) -> LayerCase:
     """``fl.rnn`` over every cell kind and option, with or without ``lengths``.
 
-    Draws ``return_sequences``, ``return_carry``, ``reverse``, ``unroll`` and ``hoist``;
-    inputs are ``(x,)`` or ``(x, lengths)`` with ``x`` of shape ``(batch, time, in)``.
+    Draws ``return_sequences``, ``return_carry``, ``reverse``, ``unroll``, ``hoist`` and
+    ``fused_backward`` (whose cases are differentiable in reverse mode only); inputs are
+    ``(x,)`` or ``(x, lengths)`` with ``x`` of shape ``(batch, time, in)``.
     """
     kind, hidden, cell = draw(cells())
     batch, time, n_in = draw(batch_sizes(3)), draw(st.integers(1, 4)), draw(feature_sizes(3))
-    seqs, with_carry = draw(st.booleans()), draw(st.booleans())
+    seqs, with_carry, fused = draw(st.booleans()), draw(st.booleans()), draw(st.booleans())
     layer = fl.rnn(
         cell,
         return_sequences=seqs,
@@ -652,13 +656,14 @@ def rnn_cases(draw: st.DrawFn) -> LayerCase:
         reverse=draw(st.booleans()),
         unroll=draw(st.sampled_from([1, 2])),
         hoist=draw(st.sampled_from([None, True, False])),
+        fused_backward=fused,
     )
     x = draw(normal_arrays((batch, time, n_in)))
     inputs: tuple[Any, ...] = (x, _lengths(draw, batch, time)) if draw(st.booleans()) else (x,)
     out: Any = (batch, time, hidden) if seqs else (batch, hidden)
     if with_carry:
         out = (out, _carry_shapes(kind, batch, hidden))
-    return LayerCase(layer, inputs, out)
+    return LayerCase(layer, inputs, out, grad_modes=("rev",) if fused else ("fwd", "rev"))
 
 
 @st.composite
