@@ -52,10 +52,11 @@ def main(epochs: int = 10, seed: int = 0) -> dict[str, float]:
     results = {}
     for name, body in [("pretrained body", pretrained.params["body"]), ("random body", None)]:
         model = make_model()
-        start = fl.init_train_state(model, only_head, jax.random.key(seed + 1), x_high[:1])
+        key = jax.random.key(seed + 1)
+        params, _ = model.init(key, x_high[:1])
         if body is not None:
-            params = fl.load_params(start.params, body, at=("body",))
-            start = start._replace(params=params, opt_state=only_head.init(params))
+            params = fl.load_params(params, body, at=("body",))
+        start = fl.init_train_state(model, only_head, key, x_high[:1], params=params)
         ts, history = fl.fit(
             model, loss, only_head, subset(train, high), epochs=epochs, seed=seed,
             train_state=start, eval_data=subset(test, high), **common,

@@ -5,7 +5,7 @@ state)`` and ``apply(params, state, *inputs, key=None, train=False) -> (outputs,
 combinators compose them, XLA compiles them, optax trains them.
 """
 
-from fundl import checkpoint, datasets, interop, metrics
+from fundl import checkpoint, datasets, interop, metrics, testing
 from fundl.activations import (
     elu,
     gelu,
@@ -166,4 +166,5 @@ __all__ = [
     "datasets",
     "interop",
     "metrics",
+    "testing",
 ]

@@ -199,3 +199,17 @@ def with_path(err: Exception, segment: str) -> Exception:
     )
     err.args = (f"{joined} {message}", *err.args[1:])
     return err
+
+
+def flat_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` for ``x`` of shape ``(..., in)`` and ``w`` ``(in, out)``, as one 2-D matmul.
+
+    The leading axes are flattened into one (a free reshape) before the product and restored
+    after. Same numbers as ``jnp.matmul``; on CPU, XLA runs the 2-D form of the weight's
+    gradient, a contraction over every leading axis, markedly faster (measured, train steps
+    of ``(8, 128, 256) @ (256, 1024)``: 0.65x the time of the 3-D form).
+    """
+    if x.ndim <= 2:
+        return jnp.matmul(x, w)
+    y = jnp.matmul(x.reshape(-1, x.shape[-1]), w)
+    return y.reshape(*x.shape[:-1], w.shape[-1])

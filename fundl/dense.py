@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from fundl.core import Layer, check_floating, default_float_dtype, named
+from fundl.core import Layer, check_floating, default_float_dtype, flat_matmul, named
 
 __all__ = ["dense", "flatten", "reshape"]
 
@@ -91,7 +91,7 @@ def dense(
                 f"Feed inputs of shape (..., {w.shape[0]}) or re-init the params on this input."
             )
         cdtype = dtype or x.dtype
-        y = jnp.matmul(x.astype(cdtype), w.astype(cdtype))
+        y = flat_matmul(x.astype(cdtype), w.astype(cdtype))
         if use_bias:
             y = y + _bias_shape(params["b"].astype(cdtype), y.ndim)
         return y, state

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from fundl.core import Layer, check_floating, default_float_dtype, named
+from fundl.core import Layer, check_floating, default_float_dtype, flat_matmul, named
 
 __all__ = [
     "embedding",
@@ -122,7 +122,7 @@ def attend(params: Any, x: jax.Array) -> jax.Array:
             f"attend: x has last dimension {jnp.shape(x)[-1:]}, the embedding table has "
             f"{table.shape[1]} features. Project x to {table.shape[1]} features first."
         )
-    return jnp.matmul(x, table.astype(x.dtype).T)
+    return flat_matmul(x, table.astype(x.dtype).T)
 
 
 def _at_least_f32(dtype: Any) -> jnp.dtype:

@@ -41,7 +41,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.nn import initializers
 
-from fundl.core import Layer, check_floating, default_float_dtype, layer_name, named, with_path
+from fundl.core import (
+    Layer,
+    check_floating,
+    default_float_dtype,
+    flat_matmul,
+    layer_name,
+    named,
+    with_path,
+)
 
 __all__ = [
     "simple_rnn_cell",
@@ -201,7 +209,7 @@ class _Summed(NamedTuple):
 
 def _dense_project(params: dict, x: jax.Array, cdtype: Any, bias: str) -> jax.Array:
     """``x @ wi + b`` in the compute dtype: ``(..., in) -> (..., G)``."""
-    y = jnp.matmul(x.astype(cdtype), params["wi"].astype(cdtype))
+    y = flat_matmul(x.astype(cdtype), params["wi"].astype(cdtype))
     return y + _bias(params[bias].astype(cdtype), y.ndim)
 
 

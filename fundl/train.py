@@ -99,7 +99,12 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def init_train_state(
-    model: Layer, optimizer: optax.GradientTransformation, key: jax.Array, example_inputs: Any
+    model: Layer,
+    optimizer: optax.GradientTransformation,
+    key: jax.Array,
+    example_inputs: Any,
+    *,
+    params: Any = None,
 ) -> TrainState:
     """Initializes the model and the optimizer into a :class:`TrainState`.
 
@@ -109,12 +114,29 @@ def init_train_state(
         key: a PRNG key; split into the init key and the run's step key.
         example_inputs: an example input (array or ``jax.ShapeDtypeStruct``), e.g. a batch
             of shape ``(batch, ...)``; only shapes and dtypes are read.
+        params: start from these params instead of fresh ones (pretrained, or made with
+            :func:`load_params`); the optimizer state is built for them. Their tree, shapes
+            and dtypes must be those ``model.init`` makes.
 
     Returns:
         A :class:`TrainState` at step 0.
+
+    Raises:
+        ValueError: ``params`` do not fit the model, naming the first path that differs.
     """
     init_key, step_key = jax.random.split(key)
-    params, state = model.init(init_key, example_inputs)
+    fresh, state = model.init(init_key, example_inputs)
+    if params is None:
+        params = fresh
+    else:
+        try:
+            _check_same_tree(fresh, params, "init_train_state: params", "for this model")
+        except ValueError as err:
+            raise ValueError(
+                f"{err} Pass params made by this model's init (or loaded into them with "
+                f"fl.load_params)."
+            ) from None
+        params = jax.tree_util.tree_map(jnp.asarray, params)
     return TrainState(
         params=params,
         state=state,

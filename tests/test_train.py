@@ -373,6 +373,25 @@ def test_freeze_trains_only_the_unmasked_params():
     assert not np.array_equal(ts.params["head"]["w"], ts0.params["head"]["w"])
 
 
+def test_init_train_state_from_given_params():
+    model = fl.serial(body=fl.dense(8), head=fl.dense(3))
+    params, _ = model.init(jax.random.key(5), jnp.zeros((1, 4)))
+    opt = optax.adam(1e-2)
+    ts = fl.init_train_state(model, opt, jax.random.key(0), jnp.zeros((1, 4)), params=params)
+    _assert_bitwise(ts.params, params)
+    assert int(ts.step) == 0
+    # the optimizer state is built for these params (adam's moments start at zero)
+    _assert_bitwise(ts.opt_state, opt.init(params))
+    wrong = fl.serial(body=fl.dense(8), head=fl.dense(5)).init(jax.random.key(0), jnp.ones((1, 4)))
+    with pytest.raises(ValueError) as err:
+        fl.init_train_state(model, opt, jax.random.key(0), jnp.zeros((1, 4)), params=wrong[0])
+    assert str(err.value) == (
+        "init_train_state: params for this model differs at ['head']['b']: expected "
+        "float32[3], got float32[5]. Pass params made by this model's init (or loaded into "
+        "them with fl.load_params)."
+    )
+
+
 def test_load_params_copies_a_subtree_and_names_mismatches():
     old = fl.serial(body=fl.dense(8), head=fl.dense(3))
     new = fl.serial(body=fl.dense(8), head=fl.dense(5))

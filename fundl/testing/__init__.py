@@ -31,6 +31,15 @@ from fundl.core import Layer, layer_name
 __all__ = ["check_layer", "count_compiles", "assert_trees_close"]
 
 
+def __getattr__(name: str) -> Any:
+    # ``fl.testing.strategies`` imports hypothesis (the test extra): on first use only.
+    if name == "strategies":
+        import importlib
+
+        return importlib.import_module("fundl.testing.strategies")
+    raise AttributeError(f"module 'fundl.testing' has no attribute {name!r}")
+
+
 def _is_float(x: Any) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
