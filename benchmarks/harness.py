@@ -26,7 +26,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
@@ -247,12 +247,18 @@ def missing(module: str) -> bool:
     return importlib.util.find_spec(module) is None
 
 
-def note_vs_fastest(res: CaseResult, name: str = "fundl", target: float = 1.0) -> str:
-    """A note: ``name``'s median over the fastest implementation's, and the fastest other's."""
-    mine = next(t for t in res.timings if t.name == name)
-    fastest = min(res.timings, key=lambda t: t.median_s)
+def note_vs_fastest(
+    res: CaseResult, name: str = "fundl", target: float = 1.0, exclude: Sequence[str] = ()
+) -> str:
+    """A note: ``name``'s median over the fastest implementation's, and the fastest other's.
+
+    ``exclude``: implementations left out of the comparison (e.g. fundl's own variants).
+    """
+    timings = [t for t in res.timings if t.name not in exclude]
+    mine = next(t for t in timings if t.name == name)
+    fastest = min(timings, key=lambda t: t.median_s)
     note = f"{name} / fastest ({fastest.name}) = {mine.median_s / fastest.median_s:.3f}"
-    others = [t for t in res.timings if t.name != name]
+    others = [t for t in timings if t.name != name]
     if fastest is mine and others:  # how far ahead of the next one
         other = min(others, key=lambda t: t.median_s)
         note += f"; {name} / fastest other ({other.name}) = {mine.median_s / other.median_s:.3f}"

@@ -263,9 +263,10 @@ def run(
     _, hoisted, fundl, fused = res.timings[:4]
     vs_hoisted = fundl.median_s / hoisted.median_s
     res.notes.append(f"fundl / plain JAX lax.scan = {fundl.ratio:.3f} (/ the hoisted one = "
-                     f"{vs_hoisted:.3f}); {note_vs_fastest(res, fundl.name)}")  # fmt: skip
+                     f"{vs_hoisted:.3f}); "
+                     f"{note_vs_fastest(res, fundl.name, exclude=[fused.name])}")  # fmt: skip
     res.notes.append(f"with fused_backward=True: fundl / plain JAX lax.scan = {fused.ratio:.3f}; "
-                     f"{note_vs_fastest(res, fused.name)}")  # fmt: skip
+                     f"{note_vs_fastest(res, fused.name, exclude=[fundl.name])}")  # fmt: skip
     if gpu is not None:
         res.notes.append("compile(1024) / compile(16) not measured under --gpu (see the CPU run)")
         res.notes.extend(notes)
