@@ -160,14 +160,8 @@ def implementations(
     except ImportError:
         notes.append("dm-haiku not installed: haiku skipped (pip install -e '.[bench]')")
 
-    if dtype is not None:
-        notes.append(keras_peer.GPU_NOTE)
-    else:
-        try:
-            weights = [a for wb in [*convs, *denses] for a in wb]
-            impls.update(keras_peer.keras_steps(_keras_lenet, weights, _ce, opt, LEARNING_RATE))
-        except ImportError:
-            notes.append(keras_peer.SKIP_NOTE)
+    flat = [a for wb in [*convs, *denses] for a in wb]
+    keras_peer.add_keras_steps(impls, notes, dtype, _keras_lenet, flat, _ce, opt, LEARNING_RATE)
     return impls, notes
 
 

@@ -86,3 +86,20 @@ def keras_steps(
         "keras 3 train_on_batch": StatefulStep(train_on_batch, (model, np.zeros(()))),
         "keras 3 stateless_call": (make_step(loss, opt), trainable),
     }
+
+
+def add_keras_steps(
+    impls: dict, notes: list, dtype, build: Callable, weights: Sequence, *args
+) -> None:
+    """Adds :func:`keras_steps` (``args``: the rest of its arguments) to ``impls``.
+
+    A note instead where Keras is missing or ``dtype`` (the compute dtype of ``--gpu``) is
+    set: Keras takes its precision from a global dtype policy, not from a cast in the loss.
+    """
+    if dtype is not None:
+        notes.append(GPU_NOTE)
+        return
+    try:
+        impls.update(keras_steps(build, weights, *args))
+    except ImportError:
+        notes.append(SKIP_NOTE)

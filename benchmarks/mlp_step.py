@@ -148,14 +148,8 @@ def implementations(
     except ImportError:
         notes.append("equinox not installed: equinox skipped (pip install -e '.[bench]')")
 
-    if dtype is not None:
-        notes.append(keras_peer.GPU_NOTE)
-    else:
-        try:
-            impls.update(keras_peer.keras_steps(_keras_mlp, [a for wb in weights for a in wb],
-                                                _ce, opt, LEARNING_RATE))  # fmt: skip
-        except ImportError:
-            notes.append(keras_peer.SKIP_NOTE)
+    flat = [a for wb in weights for a in wb]
+    keras_peer.add_keras_steps(impls, notes, dtype, _keras_mlp, flat, _ce, opt, LEARNING_RATE)
     return impls, notes
 
 
