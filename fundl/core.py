@@ -6,6 +6,8 @@ compose them, the training loop and the testing kit) is written against this one
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -17,6 +19,8 @@ __all__ = [
     "ApplyFn",
     "Params",
     "State",
+    "LayerInfo",
+    "layer_info",
     "layer_name",
     "named",
     "default_float_dtype",
@@ -111,7 +115,7 @@ class Layer(NamedTuple):
     @property
     def children(self) -> tuple[tuple[str, Layer], ...]:
         """``(path_segment, layer)`` pairs of the layers a combinator holds (else ``()``)."""
-        return getattr(self.apply, "_fundl_children", ())
+        return layer_info(self).children
 
     def __repr__(self) -> str:
         return f"Layer({_describe(self)})"
@@ -130,29 +134,76 @@ def _describe(layer: Layer) -> str:
     return f"{name}({', '.join(parts)})"
 
 
-def named(layer: Layer, name: str, children: tuple[tuple[str, Layer], ...] = ()) -> Layer:
-    """Attaches a display name (and the children of a combinator) to a layer's ``apply``.
+class LayerInfo(NamedTuple):
+    """What fundl knows about a layer beyond its two functions: the one place for metadata.
 
-    The name appears in error messages and in :func:`fundl.summary`; it has no effect on the
-    computation.
+    It is read by :func:`layer_info` and attached by :func:`named`, which returns a new
+    layer whose ``apply`` carries it; nothing else in fundl stores facts about a layer.
+
+    Attributes:
+        name: a short description, e.g. ``"dense(64)"``, shown in errors and summaries.
+        children: for combinators, ``(path_segment, child)`` pairs, e.g. ``(("[0]", a),)``.
+        meta: facts other parts of fundl read about this kind of layer, by key (e.g.
+            ``fl.rnn`` records its direction under ``"rnn"`` for ``fl.bidirectional``).
+    """
+
+    name: str
+    children: tuple[tuple[str, Layer], ...] = ()
+    meta: Mapping[str, Any] = MappingProxyType({})
+
+
+def named(
+    layer: Layer,
+    name: str,
+    children: tuple[tuple[str, Layer], ...] = (),
+    **meta: Any,
+) -> Layer:
+    """A copy of ``layer`` described by a :class:`LayerInfo` (name, children, meta).
+
+    The name appears in error messages and in :func:`fundl.summary`; nothing here changes
+    the computation, and ``layer`` itself is left as it was.
+
+    Example:
+        >>> import fundl as fl
+        >>> from fundl.core import named
+        >>> named(fl.dense(3), "head")
+        Layer(head)
 
     Args:
         layer: the layer to describe.
         name: a short description, e.g. ``"dense(64)"``.
         children: for combinators, ``(path_segment, child)`` pairs, e.g. ``(("[0]", a),)``.
+        **meta: facts for other parts of fundl to read through :func:`layer_info`.
 
     Returns:
-        The same layer.
+        A new :class:`Layer` with the same ``init`` and an ``apply`` that calls ``layer``'s.
     """
-    layer.apply._fundl_name = name  # type: ignore[attr-defined]
-    layer.apply._fundl_children = tuple(children)  # type: ignore[attr-defined]
-    return layer
+    apply = layer.apply
+    inner = getattr(apply, "__fundl_inner__", apply)
+
+    def described_apply(params, state, *inputs, key=None, train=False):
+        return inner(params, state, *inputs, key=key, train=train)
+
+    described_apply.__fundl_inner__ = inner  # type: ignore[attr-defined]
+    described_apply.__fundl_info__ = LayerInfo(  # type: ignore[attr-defined]
+        name, tuple(children), MappingProxyType(dict(meta))
+    )
+    described_apply.__name__ = described_apply.__qualname__ = name
+    return Layer(layer.init, described_apply)
+
+
+def layer_info(layer: Layer) -> LayerInfo:
+    """The :class:`LayerInfo` of ``layer``; an undescribed layer gets its function's name."""
+    info = getattr(layer.apply, "__fundl_info__", None)
+    if info is not None:
+        return info
+    apply = layer.apply
+    return LayerInfo(getattr(apply, "__name__", type(apply).__name__))
 
 
 def layer_name(layer: Layer) -> str:
     """The display name of ``layer`` (see :func:`named`), or its apply function's name."""
-    apply = layer.apply
-    return getattr(apply, "_fundl_name", getattr(apply, "__name__", type(apply).__name__))
+    return layer_info(layer).name
 
 
 def default_float_dtype() -> jnp.dtype:

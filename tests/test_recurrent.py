@@ -456,8 +456,8 @@ def test_error_cell_output_does_not_match_carry():
         h = x @ params["w"]  # (batch, 5), but the carry is (batch, 3)
         return (h, h), state
 
-    cell = fl.make_cell(fl.Layer(init, apply), lambda shape, dtype: jnp.zeros((*shape, 3), dtype))
-    fl.core.named(cell, "bad_cell")
+    named = fl.core.named(fl.Layer(init, apply), "bad_cell")
+    cell = fl.make_cell(named, lambda shape, dtype: jnp.zeros((*shape, 3), dtype))
     layer = fl.rnn(cell)
     x = jnp.ones((2, 4, 2))
     params, state = layer.init(jax.random.key(0), x)
