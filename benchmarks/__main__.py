@@ -25,14 +25,9 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from benchmarks.harness import (
-    GpuRun,
-    default_peak_tflops,
-    environment,
-    format_table,
-    plot,
-    write_json,
-)
+from benchmarks.costs import default_peak_tflops
+from benchmarks.report import environment_line, format_table, plot, write_json
+from benchmarks.steps import GpuRun
 
 SUITES = {"mlp": "benchmarks.mlp_step", "cnn": "benchmarks.cnn_step",
           "rnn": "benchmarks.rnn_step", "attention": "benchmarks.attention_step",
@@ -57,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the ratios")
     args = parser.parse_args(argv)
-    env = environment()
-    print(", ".join(f"{k}={v}" for k, v in env.items()))
+    print(environment_line())
     gpu = GpuRun(args.peak_tflops or default_peak_tflops()) if args.gpu else None
     if gpu is not None:
         peak = f"{gpu.peak_tflops:g} TFLOP/s" if gpu.peak_tflops else "unknown (no MFU)"

@@ -26,25 +26,15 @@ import numpy as np
 import optax
 
 import fundl as fl
-from benchmarks import keras_peer
-from benchmarks.harness import (
-    BF16_RTOL,
-    CaseResult,
-    GpuRun,
-    Speed,
-    in_dtype,
-    make_step,
-    measure_train_steps,
-    note_vs_fastest,
-)
+from benchmarks import peers
+from benchmarks.costs import Speed
+from benchmarks.report import main, note_vs_fastest
+from benchmarks.steps import GpuRun, in_dtype, make_step, measure_train_steps, mse
+from benchmarks.timing import CaseResult
 
 BATCH, TIME, WIDTH, HEADS = 8, 256, 256, 8
 GPU_SIZES = (32, 1024, 1024, 16)
 """``--gpu``: batch, positions, width, heads."""
-
-
-def _mse(y, target):
-    return jnp.mean(jnp.square(y.astype(target.dtype) - target))  # float32 target: f32 loss
 
 
 def _causal(t):
@@ -63,7 +53,7 @@ def _hand_written(attention, heads):
         q, k, v = (_project(params[n], x).reshape(b, t, heads, -1)
                    for n in ("query", "key", "value"))  # fmt: skip
         out = attention(q, k, v).reshape(b, t, -1)
-        return _mse(_project(params["out"], out), target)
+        return mse(_project(params["out"], out), target)
 
     return loss
 
@@ -84,6 +74,81 @@ def _explicit(q, k, v):
     return jnp.einsum("bhts,bshd->bthd", probs, v)
 
 
+def _heads_in(p, heads):
+    """A ``{"w": (width, width), "b": (width,)}`` projection as per-head kernel and bias."""
+    width = p["w"].shape[0]
+    return {"kernel": p["w"].reshape(width, heads, -1), "bias": p["b"].reshape(heads, -1)}
+
+
+def _heads_out(p, heads):
+    """The output projection's ``(width, width)`` kernel as ``(heads, head width, width)``."""
+    width = p["w"].shape[1]
+    return p["w"].reshape(heads, -1, width)
+
+
+def _linen(nn, weights, x, heads, dtype):
+    batch, time_, width = x.shape
+    linen = nn.MultiHeadDotProductAttention(num_heads=heads, qkv_features=width,
+                                            out_features=width, deterministic=True)  # fmt: skip
+    lp = {"params": {n: _heads_in(weights[n], heads) for n in ("query", "key", "value")}}
+    lp["params"]["out"] = {"kernel": _heads_out(weights["out"], heads),
+                           "bias": weights["out"]["b"]}  # fmt: skip
+    mask = nn.make_causal_mask(jnp.ones((batch, time_)))
+    return in_dtype(lambda p, x, y: mse(linen.apply(p, x, mask=mask), y), dtype), lp
+
+
+def _nnx(nnx, weights, x, heads, dtype):
+    batch, time_, width = x.shape
+    model = nnx.MultiHeadAttention(heads, width, width, width, decode=False,
+                                   rngs=nnx.Rngs(0))  # fmt: skip
+    for n in ("query", "key", "value"):
+        sub = getattr(model, n)
+        sub.kernel[...], sub.bias[...] = _heads_in(weights[n], heads).values()
+    model.out.kernel[...] = _heads_out(weights["out"], heads)
+    model.out.bias[...] = weights["out"]["b"]
+    graphdef, nstate = nnx.split(model)
+    mask = nnx.make_causal_mask(jnp.ones((batch, time_)))
+
+    def nnx_loss(p, x, y):
+        return mse(nnx.merge(graphdef, p)(x, mask=mask, decode=False), y)
+
+    return in_dtype(nnx_loss, dtype), nstate
+
+
+def _equinox(eqx, weights, x, heads, dtype):
+    mha = eqx.nn.MultiheadAttention(heads, x.shape[-1], use_query_bias=True, use_key_bias=True,
+                                    use_value_bias=True, use_output_bias=True,
+                                    key=jax.random.key(0))  # fmt: skip
+    names = {"query_proj": "query", "key_proj": "key", "value_proj": "value",
+             "output_proj": "out"}  # fmt: skip
+    for eqx_name, name in names.items():
+        mha = eqx.tree_at(lambda m, e=eqx_name: (getattr(m, e).weight, getattr(m, e).bias),
+                          mha, (weights[name]["w"].T, weights[name]["b"]))  # fmt: skip
+    params, static = eqx.partition(mha, eqx.is_array)
+    causal = _causal(x.shape[1])
+
+    def eqx_loss(p, x, y):
+        m = eqx.combine(p, static)
+        return mse(jax.vmap(lambda s: m(s, s, s, mask=causal))(x), y)
+
+    return in_dtype(eqx_loss, dtype), params
+
+
+def _keras(keras, weights, x, heads):
+    mha = keras.layers.MultiHeadAttention(heads, x.shape[-1] // heads)
+    mha.build(x.shape, x.shape)
+    kp = [a for n in ("query", "key", "value") for a in _heads_in(weights[n], heads).values()]
+    kp += [_heads_out(weights["out"], heads), weights["out"]["b"]]
+    mha.set_weights([np.asarray(a) for a in kp])
+    fixed = [v.value for v in mha.non_trainable_variables]
+
+    def keras_loss(p, x, y):
+        out, _ = mha.stateless_call(p, fixed, x, x, use_causal_mask=True)
+        return mse(out, y)
+
+    return keras_loss, [v.value for v in mha.trainable_variables]
+
+
 def implementations(weights, x, heads, dtype=None):
     """``{name: (loss(params, x, target), params)}`` for every implementation available.
 
@@ -93,8 +158,7 @@ def implementations(weights, x, heads, dtype=None):
         heads: the number of heads.
         dtype: the compute dtype (``None``: the input's); params stay as ``weights``.
     """
-    notes, impls = [], {}
-    batch, time_, width = x.shape
+    impls = {}
     impls["jax.nn.dot_product_attention"] = (in_dtype(_hand_written(_fused, heads), dtype),
                                              weights)  # fmt: skip
     if dtype is not None and jax.default_backend() == "gpu":
@@ -103,83 +167,15 @@ def implementations(weights, x, heads, dtype=None):
     impls["explicit softmax"] = (in_dtype(_hand_written(_explicit, heads), dtype), weights)
     layer = fl.multi_head_attention(heads, is_causal=True, dtype=dtype)
     _, state = layer.init(jax.random.key(0), x)
-    impls["fundl"] = (lambda p, x, y: _mse(layer.apply(p, state, x)[0], y), weights)
-    d = width // heads
-
-    def heads_in(p):
-        return {"kernel": p["w"].reshape(width, heads, d), "bias": p["b"].reshape(heads, d)}
-
-    try:
-        import flax.linen as nn
-        from flax import nnx
-
-        linen = nn.MultiHeadDotProductAttention(num_heads=heads, qkv_features=width,
-                                                out_features=width, deterministic=True)  # fmt: skip
-        lp = {"params": {n: heads_in(weights[n]) for n in ("query", "key", "value")}}
-        lp["params"]["out"] = {"kernel": weights["out"]["w"].reshape(heads, d, width),
-                               "bias": weights["out"]["b"]}  # fmt: skip
-        mask = nn.make_causal_mask(jnp.ones((batch, time_)))
-
-        linen_loss = in_dtype(lambda p, x, y: _mse(linen.apply(p, x, mask=mask), y), dtype)
-        impls["flax linen"] = (linen_loss, lp)
-
-        model = nnx.MultiHeadAttention(heads, width, width, width, decode=False,
-                                       rngs=nnx.Rngs(0))  # fmt: skip
-        for n in ("query", "key", "value"):
-            sub = getattr(model, n)
-            sub.kernel[...], sub.bias[...] = heads_in(weights[n]).values()
-        model.out.kernel[...] = weights["out"]["w"].reshape(heads, d, width)
-        model.out.bias[...] = weights["out"]["b"]
-        graphdef, nstate = nnx.split(model)
-
-        def nnx_loss(p, x, y):
-            return _mse(nnx.merge(graphdef, p)(x, mask=mask, decode=False), y)
-
-        impls["flax nnx"] = (in_dtype(nnx_loss, dtype), nstate)
-    except ImportError:
-        notes.append("flax not installed: flax linen and nnx skipped (pip install -e '.[bench]')")
-    try:
-        import equinox as eqx
-
-        mha = eqx.nn.MultiheadAttention(heads, width, use_query_bias=True, use_key_bias=True,
-                                        use_value_bias=True, use_output_bias=True,
-                                        key=jax.random.key(0))  # fmt: skip
-        names = {"query_proj": "query", "key_proj": "key", "value_proj": "value",
-                 "output_proj": "out"}  # fmt: skip
-        for eqx_name, name in names.items():
-            mha = eqx.tree_at(lambda m, e=eqx_name: (getattr(m, e).weight, getattr(m, e).bias),
-                              mha, (weights[name]["w"].T, weights[name]["b"]))  # fmt: skip
-        params, static = eqx.partition(mha, eqx.is_array)
-        causal = _causal(time_)
-
-        def eqx_loss(p, x, y):
-            m = eqx.combine(p, static)
-            return _mse(jax.vmap(lambda s: m(s, s, s, mask=causal))(x), y)
-
-        impls["equinox"] = (in_dtype(eqx_loss, dtype), params)
-    except ImportError:
-        notes.append("equinox not installed: equinox skipped (pip install -e '.[bench]')")
-    if dtype is not None:
-        notes.append(keras_peer.GPU_NOTE)
-    else:
-        try:
-            keras = keras_peer.import_keras()
-            mha = keras.layers.MultiHeadAttention(heads, d)
-            mha.build(x.shape, x.shape)
-            kp = [a for n in ("query", "key", "value") for a in heads_in(weights[n]).values()]
-            kp += [weights["out"]["w"].reshape(heads, d, width), weights["out"]["b"]]
-            mha.set_weights([np.asarray(a) for a in kp])
-            fixed = [v.value for v in mha.non_trainable_variables]
-
-            def keras_loss(p, x, y):
-                out, _ = mha.stateless_call(p, fixed, x, x, use_causal_mask=True)
-                return _mse(out, y)
-
-            trainable = [v.value for v in mha.trainable_variables]
-            impls["keras 3 stateless_call"] = (keras_loss, trainable)
-        except ImportError:
-            notes.append(keras_peer.SKIP_NOTE)
-    return impls, notes
+    impls["fundl"] = (lambda p, x, y: mse(layer.apply(p, state, x)[0], y), weights)
+    makers = {
+        "flax linen": ("flax linen", lambda nn: _linen(nn, weights, x, heads, dtype)),
+        "flax nnx": ("flax nnx", lambda nnx: _nnx(nnx, weights, x, heads, dtype)),
+        "equinox": ("equinox", lambda eqx: _equinox(eqx, weights, x, heads, dtype)),
+        "keras 3 stateless_call": ("keras 3", lambda keras: _keras(keras, weights, x, heads)),
+    }
+    peer_impls, notes = peers.build(makers, dtype)
+    return impls | peer_impls, notes
 
 
 def attention_case(quick: bool, gpu: GpuRun | None = None) -> CaseResult:
@@ -207,8 +203,8 @@ def attention_case(quick: bool, gpu: GpuRun | None = None) -> CaseResult:
         res = measure_train_steps(case, impls, opt, x, target, steps, 2 if quick else 15)
     else:
         speed = Speed(batch * time_, "tokens", gpu.peak_tflops)
-        res = measure_train_steps(f"{case}, {gpu.dtype.__name__}", impls, opt, x, target, steps,
-                                  2 if quick else 5, rtol=BF16_RTOL, speed=speed)  # fmt: skip
+        res = measure_train_steps(gpu.label(case), impls, opt, x, target, steps,
+                                  2 if quick else 5, **gpu.options(speed))  # fmt: skip
     kernel_dtype = jnp.dtype(dtype or jnp.float32)
     kernel = fl.attention._choose(None, kernel_dtype, width // heads, False, False, False)
     res.notes.append(f"{note_vs_fastest(res)}; fundl's kernel on {jax.default_backend()} "
@@ -225,9 +221,4 @@ def run(quick: bool = False, gpu: GpuRun | None = None) -> list[CaseResult]:
 if __name__ == "__main__":
     import argparse
 
-    from benchmarks.harness import format_table
-
-    parser = argparse.ArgumentParser(description="attention benchmarks")
-    parser.add_argument("--quick", action="store_true")
-    with jax.numpy_dtype_promotion("standard"):
-        print(format_table(run(parser.parse_args().quick)))
+    main(run, argparse.ArgumentParser(description="attention benchmarks"))

@@ -30,7 +30,6 @@ epochs, K = 1, 3 and 9, one repeat.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
@@ -40,7 +39,10 @@ import numpy as np
 import optax
 
 import fundl as fl
-from benchmarks.harness import CaseResult, Timing, iqr, memory_high_water, record_memory, set_ratios
+from benchmarks import peers
+from benchmarks.costs import memory_high_water
+from benchmarks.report import main
+from benchmarks.timing import CaseResult, rotations, summary, timed, with_peak_memory, with_ratios
 
 BATCH = 32
 QUICK_EXAMPLES = 280
@@ -133,10 +135,8 @@ def run_plain_scan(x, y, epochs):
     return t0, stamps
 
 
-def run_keras(x, y, epochs):
+def run_keras(keras, x, y, epochs):
     """Keras 3's ``model.fit`` on the same model: ``(start, [end of each epoch])``."""
-    import keras
-
     stamps = []
 
     class Stamp(keras.callbacks.Callback):
@@ -157,18 +157,6 @@ def run_keras(x, y, epochs):
     return t0, stamps
 
 
-def _keras_available() -> str | None:
-    """``None`` if Keras 3 runs on JAX here, else why not (for the skip note)."""
-    os.environ.setdefault("KERAS_BACKEND", "jax")
-    try:
-        import keras
-    except ImportError as err:
-        return f"Keras 3 not installed ({err}): its case is skipped (pip install -e '.[bench]')"
-    if keras.backend.backend() != "jax":
-        return f"Keras runs on {keras.backend.backend()}, not JAX: its case is skipped"
-    return None
-
-
 def run(quick: bool = False, repeats: int | None = None, epochs: int | None = None):
     """The two training-loop cases (steady epoch, total incl. compilation), ``CaseResult``s."""
     before, _ = memory_high_water()
@@ -187,16 +175,15 @@ def run(quick: bool = False, repeats: int | None = None, epochs: int | None = No
         f"fl.fit K={mid}": lambda: run_fit(x, y, epochs, mid),
         big: lambda: run_fit(x, y, epochs, steps),
     }
-    keras_missing = _keras_available()
-    if keras_missing is None:
-        impls["Keras 3 (jax)"] = lambda: run_keras(x, y, epochs)
+    keras, keras_missing = peers.find("keras 3")
+    if keras is not None:
+        impls["Keras 3 (jax)"] = lambda: run_keras(keras, x, y, epochs)
     names = list(impls)
     totals, steady, first, cpu = ({n: [] for n in names} for _ in range(4))
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            c0 = time.process_time()
-            t0, stamps = impls[name]()
-            cpu[name].append(time.process_time() - c0)
+    for order in rotations(names, repeats):
+        for name in order:
+            (t0, stamps), _, cpu_s = timed(impls[name])
+            cpu[name].append(cpu_s)
             totals[name].append(stamps[-1] - t0)
             first[name].append(stamps[0] - t0)
             steady[name].append(float(np.median(np.diff(stamps))))
@@ -205,17 +192,12 @@ def run(quick: bool = False, repeats: int | None = None, epochs: int | None = No
     for label, unit, table in (("steady time per epoch", "epoch", steady),
                                (f"total time of {epochs} epochs incl. compilation",
                                 f"{epochs} epochs", totals)):  # fmt: skip
-        timings = [
-            Timing(n, statistics.median(first[n]), statistics.median(table[n]), iqr(table[n]),
-                   samples=sorted(table[n]),
-                   cpu_median_s=statistics.median(cpu[n]) if table is totals else float("nan"))
-            for n in names
-        ]  # fmt: skip
-        set_ratios(timings)
-        res = CaseResult(f"{what}: {label}", unit, timings)
-        res.notes.append("compile = the first epoch, compilation included; median of "
-                         f"{repeats} interleaved repeat(s)")  # fmt: skip
-        cases.append(record_memory(res, before))
+        timings = [summary(n, statistics.median(first[n]), table[n],
+                           cpu[n] if table is totals else ()) for n in names]  # fmt: skip
+        note = (f"compile = the first epoch, compilation included; median of {repeats} "
+                "interleaved repeat(s)")  # fmt: skip
+        res = CaseResult(f"{what}: {label}", unit, with_ratios(timings), [note])
+        cases.append(with_peak_memory(res, before))
     epoch_case, total_case = cases
     e = {n: statistics.median(steady[n]) for n in names}
     t = {n: statistics.median(totals[n]) for n in names}
@@ -226,7 +208,7 @@ def run(quick: bool = False, repeats: int | None = None, epochs: int | None = No
         f"plain step loop / fit K={mid} = {step / e[f'fl.fit K={mid}']:.2f}",
         f"fit K={steps} / plain scan loop = {e[big] / e['plain JAX, scan']:.2f}",
     ]
-    if keras_missing is None:
+    if keras is not None:
         ke, kt = e["Keras 3 (jax)"] / e[big], t[big] / t["Keras 3 (jax)"]
         epoch_case.notes.append(f"Keras epoch / fit K={steps} epoch = {ke:.2f} (target >= 4)")
         total_case.notes.append(f"fit K={steps} total / Keras total = {kt:.2f} (target <= 1/3)")
@@ -247,12 +229,7 @@ def run(quick: bool = False, repeats: int | None = None, epochs: int | None = No
 if __name__ == "__main__":
     import argparse
 
-    from benchmarks.harness import environment, format_table
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, help="interleaved repeats (default 5)")
     parser.add_argument("--epochs", type=int, help="epochs per run (default 20)")
-    parser.add_argument("--quick", action="store_true", help="a smoke run on a small subset")
-    args = parser.parse_args()
-    print(", ".join(f"{k}={v}" for k, v in environment().items()))
-    print(format_table(run(args.quick, args.repeats, args.epochs)))
+    main(run, parser)

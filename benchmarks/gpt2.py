@@ -1,8 +1,8 @@
 """GPT-2-small-shaped language model train step: tokens/s and model FLOPs utilisation (MFU).
 
-    python benchmarks/gpt2.py                       # full size: for a machine with a GPU
-    python benchmarks/gpt2.py --tiny                # a CPU-sized smoke run (the tests use it)
-    python benchmarks/gpt2.py --batch 16 --peak-tflops 989 --attention xla
+    python -m benchmarks.gpt2                       # full size: for a machine with a GPU
+    python -m benchmarks.gpt2 --tiny                # a CPU-sized smoke run (the tests use it)
+    python -m benchmarks.gpt2 --batch 16 --peak-tflops 989 --attention xla
 
 The model: token embedding (vocab 50257, tied with the output head via ``fl.attend``),
 learned positions (context 1024), ``repeat(decoder_block(768, 12), 12)``, final layer norm;
@@ -19,8 +19,8 @@ which ``benchmarks/gpu.sh`` sets.
 
 MFU = achieved model FLOP/s / peak FLOP/s, with the model FLOPs per token of the PaLM paper
 (appendix B): ``6 N + 12 L d T`` (N params, L blocks, d width, T context; no discount for the
-causal mask). The peak is ``--peak-tflops`` or looked up from the device kind (H100 SXM and
-H200: 989 dense bf16 TFLOP/s); on CPU no MFU is printed without ``--peak-tflops``.
+causal mask). The peak is ``--peak-tflops`` or looked up from the device kind
+(``benchmarks.costs.PEAK_BF16_TFLOPS``); on CPU no MFU is printed without ``--peak-tflops``.
 """
 
 from __future__ import annotations
@@ -36,9 +36,7 @@ import numpy as np
 import optax
 
 import fundl as fl
-
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-"""Dense bf16 peak per device-kind substring (NVIDIA datasheets, SXM parts)."""
+from benchmarks.costs import peak_tflops
 
 FULL = {"vocab": 50257, "context": 1024, "width": 768, "heads": 12, "layers": 12, "batch": 8}
 TINY = {"vocab": 512, "context": 64, "width": 64, "heads": 4, "layers": 2, "batch": 2}
@@ -117,13 +115,6 @@ def plain_apply(params, x, heads, dtype=jnp.bfloat16, implementation=None):
 def flops_per_token(n_params: int, layers: int, width: int, context: int) -> float:
     """PaLM's model FLOPs per token for one train step (forward and backward)."""
     return 6.0 * n_params + 12.0 * layers * width * context
-
-
-def peak_tflops(device_kind: str) -> float | None:
-    for name, peak in PEAK_BF16_TFLOPS.items():
-        if name in device_kind:
-            return peak
-    return None
 
 
 def make_loss(cfg: dict, x, seed=0, impl="fundl", implementation=None, unroll=1):

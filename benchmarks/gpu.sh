@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python3 -c "import jax, optax; print('jax', jax.__version__, 'optax', optax.__version__, jax.devices())"
 run() {  # name, then gpt2.py arguments
   local name=$1; shift
-  timeout 150 python3 benchmarks/gpt2.py --steps 20 --json "$out/gpt2_$name.json" "$@" \
+  timeout 150 python3 -m benchmarks.gpt2 --steps 20 --json "$out/gpt2_$name.json" "$@" \
     2>"/tmp/gpt2_$name.err" | tail -1 || echo "gpt2 $name failed: $(tail -3 "/tmp/gpt2_$name.err")"
 }
 run b16 --batch 16

@@ -1,7 +1,7 @@
 """Keras 3 (JAX backend) as a peer of the train-step cases, in its two idioms.
 
 - ``keras 3 train_on_batch``: the step Keras teaches (``model.compile`` with its own Adam and
-  loss, then ``model.train_on_batch``), timed as a :class:`~benchmarks.harness.StatefulStep`:
+  loss, then ``model.train_on_batch``), timed as a :class:`~benchmarks.steps.StatefulStep`:
   Keras's per-call work (its data adapter, its variables' bookkeeping, the loss returned to
   the host each step) is what the small-batch cases show.
 - ``keras 3 stateless_call``: the pure function Keras's JAX guide writes for a custom loop
@@ -10,33 +10,18 @@
 
 Both start from the case's weights. Keras's Adam differs from optax's in where its epsilon
 goes (``lr_t * m / (sqrt(v) + eps)`` with the bias correction folded into ``lr_t``), which
-does not change the first loss the harness compares. Keras is imported on the JAX backend
-(``KERAS_BACKEND=jax`` unless set); a missing Keras, or one on another backend, raises
-:class:`ImportError`, which the cases turn into a skip note.
+does not change the first loss the cases compare. Keras is imported by the peer registry
+(:mod:`benchmarks.peers`), which notes it where it is missing or on another backend.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import optax
 
-from benchmarks.harness import StatefulStep, make_step
-
-SKIP_NOTE = "keras 3 not installed: keras skipped (pip install -e '.[bench]')"
-GPU_NOTE = "keras 3 skipped in bfloat16: Keras sets precision by a global dtype policy"
-
-
-def import_keras():
-    """Keras 3 on the JAX backend (:class:`ImportError` if missing or on another backend)."""
-    os.environ.setdefault("KERAS_BACKEND", "jax")
-    import keras
-
-    if keras.backend.backend() != "jax":
-        raise ImportError(f"Keras runs on {keras.backend.backend()}, not JAX")
-    return keras
+from benchmarks.steps import StatefulStep, make_step
 
 
 def keras_loss(model, loss_of_outputs: Callable) -> tuple[Callable, list]:
@@ -51,55 +36,47 @@ def keras_loss(model, loss_of_outputs: Callable) -> tuple[Callable, list]:
     return loss, trainable
 
 
-def keras_steps(
-    build: Callable,
-    weights: Sequence,
-    loss_of_outputs: Callable,
-    opt: optax.GradientTransformation,
-    learning_rate: float,
-) -> dict[str, tuple[Callable, object] | StatefulStep]:
-    """Both Keras idioms of a classifier's train step, from ``weights``.
+def _fresh(keras, build: Callable, weights: Sequence):
+    model = build(keras)
+    model.set_weights([np.asarray(w) for w in weights])
+    return model
 
-    Args:
-        build: makes a fresh, built Keras model (called twice: one per idiom).
-        weights: the initial weights, in ``model.get_weights()`` order.
-        loss_of_outputs: ``loss(logits, labels)`` of the other implementations.
-        opt: their optax optimizer (the ``stateless_call`` step uses it).
-        learning_rate: the Adam learning rate (``train_on_batch`` uses Keras's Adam).
-    """
-    keras = import_keras()
 
-    def fresh():
-        model = build()
-        model.set_weights([np.asarray(w) for w in weights])
-        return model
-
-    loss, trainable = keras_loss(fresh(), loss_of_outputs)
-    model = fresh()
+def train_on_batch_step(keras, build: Callable, weights: Sequence, learning_rate: float):
+    """Keras's own loop: ``compile`` (its Adam) and ``train_on_batch``, a :class:`StatefulStep`."""
+    model = _fresh(keras, build, weights)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate, epsilon=1e-8),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # fmt: skip
 
     def train_on_batch(model, loss, x, y):
         return model, model.train_on_batch(x, y)
 
-    return {
-        "keras 3 train_on_batch": StatefulStep(train_on_batch, (model, np.zeros(()))),
-        "keras 3 stateless_call": (make_step(loss, opt), trainable),
-    }
+    return StatefulStep(train_on_batch, (model, np.zeros(())))
 
 
-def add_keras_steps(
-    impls: dict, notes: list, dtype, build: Callable, weights: Sequence, *args
-) -> None:
-    """Adds :func:`keras_steps` (``args``: the rest of its arguments) to ``impls``.
+def makers(
+    build: Callable,
+    weights: Sequence,
+    loss_of_outputs: Callable,
+    opt: optax.GradientTransformation,
+    learning_rate: float,
+) -> dict[str, tuple[str, Callable]]:
+    """Both Keras idioms of a classifier's train step, for :func:`benchmarks.peers.build`.
 
-    A note instead where Keras is missing or ``dtype`` (the compute dtype of ``--gpu``) is
-    set: Keras takes its precision from a global dtype policy, not from a cast in the loss.
+    Args:
+        build: ``build(keras)`` makes a fresh, built Keras model (called once per idiom).
+        weights: the initial weights, in ``model.get_weights()`` order.
+        loss_of_outputs: ``loss(logits, labels)`` of the other implementations.
+        opt: their optax optimizer (the ``stateless_call`` step uses it).
+        learning_rate: the Adam learning rate (``train_on_batch`` uses Keras's Adam).
     """
-    if dtype is not None:
-        notes.append(GPU_NOTE)
-        return
-    try:
-        impls.update(keras_steps(build, weights, *args))
-    except ImportError:
-        notes.append(SKIP_NOTE)
+
+    def stateless_call(keras):
+        loss, trainable = keras_loss(_fresh(keras, build, weights), loss_of_outputs)
+        return make_step(loss, opt), trainable
+
+    return {
+        "keras 3 train_on_batch": (
+            "keras 3", lambda keras: train_on_batch_step(keras, build, weights, learning_rate)),
+        "keras 3 stateless_call": ("keras 3", stateless_call),
+    }  # fmt: skip

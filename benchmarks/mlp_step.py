@@ -18,58 +18,44 @@ runs batch 4,096 in bfloat16 compute over float32 params, with throughput and MF
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import fundl as fl
-from benchmarks import keras_peer
-from benchmarks.harness import (
-    BF16_RTOL,
-    CaseResult,
+from benchmarks import keras_peer, peers
+from benchmarks.costs import Speed
+from benchmarks.report import main
+from benchmarks.steps import (
     GpuRun,
-    Speed,
-    StatefulStep,
+    cross_entropy,
     in_dtype,
     make_step,
     measure_train_steps,
+    nnx_train_step,
 )
+from benchmarks.timing import CaseResult
 
 LEARNING_RATE = 1e-3
 """Adam's learning rate in every implementation."""
+SIZES = [(784, 128), (128, 64), (64, 10)]
+"""The dense layers' ``(in, out)``."""
 
 
-def _ce(logits, y):
-    # float32 cross-entropy whatever the compute dtype (a no-op on float32 logits)
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
-
-
-def implementations(
-    weights, opt, dtype=None
-) -> tuple[dict[str, tuple[Callable, object]], list[str]]:
-    """``{name: (step, params)}`` for every implementation available, and skip notes.
-
-    Args:
-        weights: ``[(w1, b1), (w2, b2), (w3, b3)]`` shared initial weights.
-        opt: the optax optimizer.
-        dtype: the compute dtype (``None``: the inputs'); params stay as ``weights``.
-    """
-    notes = []
-    impls = {}
-
+def _plain(weights, opt, dtype):
     # plain JAX: a list of (w, b) and a loop of matmuls, written by hand
     def plain_loss(params, x, y):
         h = x.reshape(x.shape[0], -1)
         for w, b in params[:-1]:
             h = jax.nn.relu(h @ w + b)
         w, b = params[-1]
-        return _ce(h @ w + b, y)
+        return cross_entropy(h @ w + b, y)
 
-    impls["plain JAX"] = (make_step(in_dtype(plain_loss, dtype), opt), [tuple(p) for p in weights])
+    return make_step(in_dtype(plain_loss, dtype), opt), [tuple(p) for p in weights]
 
+
+def _fundl(weights, opt, dtype):
     model = fl.serial(fl.flatten(), fl.dense(128, dtype=dtype), jax.nn.relu,
                       fl.dense(64, dtype=dtype), jax.nn.relu,
                       fl.dense(10, dtype=dtype))  # fmt: skip
@@ -79,112 +65,36 @@ def implementations(
                     {"w": weights[2][0], "b": weights[2][1]})  # fmt: skip
 
     def fundl_loss(params, x, y):
-        return _ce(model.apply(params, state, x)[0], y)
+        return cross_entropy(model.apply(params, state, x)[0], y)
 
-    impls["fundl"] = (make_step(fundl_loss, opt), fundl_params)
+    return make_step(fundl_loss, opt), fundl_params
 
-    from jax.example_libraries import stax
 
+def _stax(stax, weights, opt, dtype):
     _, stax_apply = stax.serial(stax.Flatten, stax.Dense(128), stax.Relu, stax.Dense(64),
                                 stax.Relu, stax.Dense(10))  # fmt: skip
     stax_params = [(), tuple(weights[0]), (), tuple(weights[1]), (), tuple(weights[2])]
-    stax_loss = in_dtype(lambda p, x, y: _ce(stax_apply(p, x), y), dtype)
-    impls["stax"] = (make_step(stax_loss, opt), stax_params)
-
-    try:
-        import flax.linen as nn
-
-        class MLP(nn.Module):
-            @nn.compact
-            def __call__(self, x):
-                x = x.reshape(x.shape[0], -1)
-                x = nn.relu(nn.Dense(128)(x))
-                x = nn.relu(nn.Dense(64)(x))
-                return nn.Dense(10)(x)
-
-        linen = MLP()
-        lp = {
-            "params": {f"Dense_{i}": {"kernel": w, "bias": b} for i, (w, b) in enumerate(weights)}
-        }
-        linen_loss = in_dtype(lambda p, x, y: _ce(linen.apply(p, x), y), dtype)
-        impls["flax linen"] = (make_step(linen_loss, opt), lp)
-    except ImportError:
-        notes.append("flax not installed: flax linen skipped (pip install -e '.[bench]')")
-
-    try:
-        impls["flax nnx"] = nnx_step(weights, opt, dtype)
-    except ImportError:
-        notes.append("flax not installed: flax nnx skipped (pip install -e '.[bench]')")
-
-    try:
-        import haiku as hk
-
-        def hk_forward(x):
-            return hk.nets.MLP([128, 64, 10])(x.reshape(x.shape[0], -1))
-
-        hk_model = hk.without_apply_rng(hk.transform(hk_forward))
-        hp = {f"mlp/~/linear_{i}": {"w": w, "b": b} for i, (w, b) in enumerate(weights)}
-        hk_loss = in_dtype(lambda p, x, y: _ce(hk_model.apply(p, x), y), dtype)
-        impls["haiku"] = (make_step(hk_loss, opt), hp)
-    except ImportError:
-        notes.append("dm-haiku not installed: haiku skipped (pip install -e '.[bench]')")
-
-    try:
-        import equinox as eqx
-
-        eqx_model = eqx.nn.MLP(784, 10, 128, 2, activation=jax.nn.relu, key=jax.random.key(0))
-        eqx_model = eqx.tree_at(
-            lambda m: [leaf for layer in m.layers for leaf in (layer.weight, layer.bias)],
-            eqx_model,
-            [leaf for w, b in weights for leaf in (w.T, b)],
-        )
-        params, static = eqx.partition(eqx_model, eqx.is_array)
-
-        def eqx_loss(p, x, y):
-            m = eqx.combine(p, static)
-            return _ce(jax.vmap(m)(x.reshape(x.shape[0], -1)), y)
-
-        impls["equinox"] = (make_step(in_dtype(eqx_loss, dtype), opt), params)
-    except ImportError:
-        notes.append("equinox not installed: equinox skipped (pip install -e '.[bench]')")
-
-    flat = [a for wb in weights for a in wb]
-    keras_peer.add_keras_steps(impls, notes, dtype, _keras_mlp, flat, _ce, opt, LEARNING_RATE)
-    return impls, notes
+    stax_loss = in_dtype(lambda p, x, y: cross_entropy(stax_apply(p, x), y), dtype)
+    return make_step(stax_loss, opt), stax_params
 
 
-def _keras_mlp():
-    keras = keras_peer.import_keras()
-    return keras.Sequential([keras.Input((28, 28)), keras.layers.Flatten(),
-                             keras.layers.Dense(128, activation="relu"),
-                             keras.layers.Dense(64, activation="relu"),
-                             keras.layers.Dense(10)])  # fmt: skip
+def _linen(nn, weights, opt, dtype):
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = x.reshape(x.shape[0], -1)
+            x = nn.relu(nn.Dense(128)(x))
+            x = nn.relu(nn.Dense(64)(x))
+            return nn.Dense(10)(x)
+
+    linen = MLP()
+    lp = {"params": {f"Dense_{i}": {"kernel": w, "bias": b} for i, (w, b) in enumerate(weights)}}
+    linen_loss = in_dtype(lambda p, x, y: cross_entropy(linen.apply(p, x), y), dtype)
+    return make_step(linen_loss, opt), lp
 
 
-def nnx_train_step(model, opt: optax.GradientTransformation, loss_of_model: Callable):
-    """Flax NNX's documented train step, as a :class:`StatefulStep` for the harness.
-
-    ``nnx.jit`` of ``nnx.value_and_grad`` and ``nnx.Optimizer.update``: the model and the
-    optimizer are updated in place (``loss_of_model(model, x, y)`` is the loss).
-    """
-    from flax import nnx
-
-    @nnx.jit
-    def train_step(model, optimizer, x, y):
-        loss, grads = nnx.value_and_grad(loss_of_model)(model, x, y)
-        optimizer.update(model, grads)
-        return loss
-
-    def step(model, optimizer, loss, x, y):
-        return model, optimizer, train_step(model, optimizer, x, y)
-
-    optimizer = nnx.Optimizer(model, opt, wrt=nnx.Param)
-    return StatefulStep(step, (model, optimizer, jnp.zeros(())))
-
-
-def nnx_step(weights, opt, dtype=None) -> StatefulStep:
-    """The MLP in Flax NNX, from ``weights``, with :func:`nnx_train_step` (``dtype``: compute)."""
-    from flax import nnx
+def _nnx(nnx, weights, opt, dtype):
+    """The MLP in Flax NNX, from ``weights``, with its documented step (``dtype``: compute)."""
 
     class MLP(nnx.Module):
         def __init__(self, rngs):
@@ -200,7 +110,86 @@ def nnx_step(weights, opt, dtype=None) -> StatefulStep:
     model = MLP(nnx.Rngs(0))
     for layer, (w, b) in zip(model.layers, weights, strict=True):
         layer.kernel[...], layer.bias[...] = w, b
-    return nnx_train_step(model, opt, lambda m, x, y: _ce(m(x), y))
+    return nnx_train_step(nnx, model, opt, lambda m, x, y: cross_entropy(m(x), y))
+
+
+def _haiku(hk, weights, opt, dtype):
+    def hk_forward(x):
+        return hk.nets.MLP([128, 64, 10])(x.reshape(x.shape[0], -1))
+
+    hk_model = hk.without_apply_rng(hk.transform(hk_forward))
+    hp = {f"mlp/~/linear_{i}": {"w": w, "b": b} for i, (w, b) in enumerate(weights)}
+    hk_loss = in_dtype(lambda p, x, y: cross_entropy(hk_model.apply(p, x), y), dtype)
+    return make_step(hk_loss, opt), hp
+
+
+def _equinox(eqx, weights, opt, dtype):
+    eqx_model = eqx.nn.MLP(784, 10, 128, 2, activation=jax.nn.relu, key=jax.random.key(0))
+    eqx_model = eqx.tree_at(
+        lambda m: [leaf for layer in m.layers for leaf in (layer.weight, layer.bias)],
+        eqx_model,
+        [leaf for w, b in weights for leaf in (w.T, b)],
+    )
+    params, static = eqx.partition(eqx_model, eqx.is_array)
+
+    def eqx_loss(p, x, y):
+        m = eqx.combine(p, static)
+        return cross_entropy(jax.vmap(m)(x.reshape(x.shape[0], -1)), y)
+
+    return make_step(in_dtype(eqx_loss, dtype), opt), params
+
+
+def _keras_mlp(keras):
+    return keras.Sequential([keras.Input((28, 28)), keras.layers.Flatten(),
+                             keras.layers.Dense(128, activation="relu"),
+                             keras.layers.Dense(64, activation="relu"),
+                             keras.layers.Dense(10)])  # fmt: skip
+
+
+def implementations(weights, opt, dtype=None) -> tuple[dict, list[str]]:
+    """``{name: (step, params)}`` for every implementation available, and skip notes.
+
+    Args:
+        weights: ``[(w1, b1), (w2, b2), (w3, b3)]`` shared initial weights.
+        opt: the optax optimizer.
+        dtype: the compute dtype (``None``: the inputs'); params stay as ``weights``.
+    """
+    impls = {"plain JAX": _plain(weights, opt, dtype), "fundl": _fundl(weights, opt, dtype)}
+    makers = {
+        "stax": ("stax", lambda stax: _stax(stax, weights, opt, dtype)),
+        "flax linen": ("flax linen", lambda nn: _linen(nn, weights, opt, dtype)),
+        "flax nnx": ("flax nnx", lambda nnx: _nnx(nnx, weights, opt, dtype)),
+        "haiku": ("haiku", lambda hk: _haiku(hk, weights, opt, dtype)),
+        "equinox": ("equinox", lambda eqx: _equinox(eqx, weights, opt, dtype)),
+    }
+    flat = [a for wb in weights for a in wb]
+    makers |= keras_peer.makers(_keras_mlp, flat, cross_entropy, opt, LEARNING_RATE)
+    peer_impls, notes = peers.build(makers, dtype)
+    return impls | peer_impls, notes
+
+
+def case(batch: int, quick: bool, rng, gpu: GpuRun | None = None) -> CaseResult:
+    """The MLP step at ``batch`` (``gpu``: in ``gpu.dtype``, with throughput and MFU)."""
+    dtype = gpu.dtype if gpu else None
+    init = jax.nn.initializers.glorot_uniform()
+    keys = jax.random.split(jax.random.key(0), 3)
+    opt = optax.adam(LEARNING_RATE)
+    x = jnp.asarray(rng.standard_normal((batch, 28, 28)), dtype or jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+    weights = [(init(k, s), jnp.zeros(s[1])) for k, s in zip(keys, SIZES, strict=True)]
+    impls, notes = implementations(weights, opt, dtype)
+    name, steps = f"mlp train step, batch {batch}", 2 if quick else 20
+    rounds = 3 if quick else 30 if gpu else 150
+    options = gpu.options(Speed(batch, "examples", gpu.peak_tflops)) if gpu else {}
+    res = measure_train_steps(gpu.label(name) if gpu else name, impls, opt, x, y, steps, rounds,
+                              **options)  # fmt: skip
+    if gpu is not None:
+        res.notes.append(
+            f"{jnp.dtype(dtype).name} compute over float32 params; the seed "
+            "model's widths (784-128-64-10) are tiny: a small step even on a GPU"
+        )
+    res.notes.extend(notes)
+    return res
 
 
 def run(
@@ -210,55 +199,13 @@ def run(
 
     ``gpu``: batch 4,096 (``quick``: 8) in ``gpu.dtype`` compute, with throughput and MFU.
     """
+    rng = np.random.default_rng(0)
     if gpu is not None:
-        return [gpu_case(quick, gpu)]
-    rng = np.random.default_rng(0)
-    init = jax.nn.initializers.glorot_uniform()
-    keys = jax.random.split(jax.random.key(0), 3)
-    sizes = [(784, 128), (128, 64), (64, 10)]
-    opt = optax.adam(LEARNING_RATE)
-    results = []
-    for batch in batches[:1] if quick else batches:
-        x = jnp.asarray(rng.standard_normal((batch, 28, 28)), jnp.float32)
-        y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
-        weights = [(init(k, s), jnp.zeros(s[1])) for k, s in zip(keys, sizes, strict=True)]
-        impls, notes = implementations(weights, opt)
-        steps = 2 if quick else 20
-        res = measure_train_steps(
-            f"mlp train step, batch {batch}", impls, opt, x, y, steps, 3 if quick else 150
-        )
-        res.notes.extend(notes)
-        results.append(res)
-    return results
-
-
-def gpu_case(quick: bool, gpu: GpuRun, batch: int = 4096) -> CaseResult:
-    """The MLP step at a GPU's batch size in ``gpu.dtype`` (``quick``: batch 8, few rounds)."""
-    batch = 8 if quick else batch
-    rng = np.random.default_rng(0)
-    init = jax.nn.initializers.glorot_uniform()
-    keys = jax.random.split(jax.random.key(0), 3)
-    sizes = [(784, 128), (128, 64), (64, 10)]
-    opt = optax.adam(LEARNING_RATE)
-    x = jnp.asarray(rng.standard_normal((batch, 28, 28)), gpu.dtype)
-    y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
-    weights = [(init(k, s), jnp.zeros(s[1])) for k, s in zip(keys, sizes, strict=True)]
-    impls, notes = implementations(weights, opt, gpu.dtype)
-    steps = 2 if quick else 20
-    res = measure_train_steps(f"mlp train step, batch {batch}, {gpu.dtype.__name__}", impls,
-                              opt, x, y, steps, 3 if quick else 30, rtol=BF16_RTOL,
-                              speed=Speed(batch, "examples", gpu.peak_tflops))  # fmt: skip
-    res.notes.append(f"{gpu.dtype.__name__} compute over float32 params; the seed model's "
-                     "widths (784-128-64-10) are tiny: a small step even on a GPU")  # fmt: skip
-    res.notes.extend(notes)
-    return res
+        return [case(8 if quick else 4096, quick, rng, gpu)]
+    return [case(batch, quick, rng) for batch in (batches[:1] if quick else batches)]
 
 
 if __name__ == "__main__":
     import argparse
 
-    from benchmarks.harness import format_table
-
-    parser = argparse.ArgumentParser(description="MLP train-step benchmark")
-    parser.add_argument("--quick", action="store_true")
-    print(format_table(run(parser.parse_args().quick)))
+    main(run, argparse.ArgumentParser(description="MLP train-step benchmark"))

@@ -6,11 +6,11 @@ One adam step on an LSTM (batch 32, 128 steps, 64 inputs, 256 hidden, float32) w
 squared-error loss on every step's output, forward and backward through the scan; params and
 optimizer state donated. Every implementation starts from the same weights (fundl's init:
 glorot input kernels, orthogonal recurrent kernels, forget bias 1) and their first losses are
-compared before timing, so all compute the same thing. The harness interleaves them round by
-round and reports each one's median and spread, its ratio to plain JAX and, as a note,
-fundl's ratio to the fastest implementation of the run (target <= 1.0), then fundl's compile
-time at 1,024 steps over that at 16 steps (the scan compiles once, so the ratio should stay
-near 1; target <= 1.3).
+compared before timing, so all compute the same thing. They run interleaved round by round
+(``benchmarks.timing``); the case reports each one's median and spread, its ratio to plain
+JAX and, as a note, fundl's ratio to the fastest implementation of the run (target <= 1.0),
+then fundl's compile time at 1,024 steps over that at 16 steps (the scan compiles once, so
+the ratio should stay near 1; target <= 1.3).
 
 Two hand-written references: the baseline projects the input inside each step; the other
 (the issue's) hoists the input projection out of the scan (one big matmul). On a 2-core CPU
@@ -33,9 +33,8 @@ precision by a global dtype policy), and the compile-time ratio is left to the C
 
 from __future__ import annotations
 
-import os
+import functools
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -43,35 +42,24 @@ import numpy as np
 import optax
 
 import fundl as fl
-from benchmarks.harness import (
-    BF16_RTOL,
-    CaseResult,
-    GpuRun,
-    Speed,
-    in_dtype,
-    make_step,
-    measure_train_steps,
-    note_vs_fastest,
-)
+from benchmarks import peers
+from benchmarks.costs import Speed
+from benchmarks.report import main, note_vs_fastest
+from benchmarks.steps import GpuRun, in_dtype, make_step, measure_train_steps, mse
+from benchmarks.timing import CaseResult, timed
 
 SIZES = {"batch": 32, "time": 128, "features": 64, "hidden": 256}
 QUICK = {"batch": 2, "time": 4, "features": 3, "hidden": 5}
 """The tiny sizes of ``--quick`` (a smoke run, not a measurement)."""
 GPU = {"batch": 256, "time": 256, "features": 512, "hidden": 1024}
 """The sizes of ``--gpu``."""
-GPU_SKIPS = {
-    "flax": "nn.RNN's carry takes its cell's param_dtype (float32), so no plain bfloat16 run",
-    "keras": "Keras 3 sets bfloat16 by a global dtype policy, not by a cast in the loss",
-}
-"""Peers that ``--gpu`` skips (by module), and why."""
+GPU_SKIPS = {"flax linen": "nn.RNN's carry takes its cell's param_dtype (float32), so no plain "
+             "bfloat16 run"}  # fmt: skip
+"""Peers that ``--gpu`` skips besides Keras 3 (see :mod:`benchmarks.peers`), and why."""
 
 
 FUSED = "fundl rnn(lstm_cell, fused_backward=True)"
 """fundl with the params' gradients fused after the backward loop (reverse mode only)."""
-
-
-def mse(ys: jax.Array, y: jax.Array) -> jax.Array:
-    return jnp.mean(jnp.square(ys.astype(y.dtype) - y))  # float32 targets: a float32 loss
 
 
 def _plain_loss(hoist: bool, unroll: int):
@@ -105,10 +93,8 @@ def _gates(a: jax.Array) -> list[jax.Array]:
     return jnp.split(a, 4, axis=-1)
 
 
-def flax_case(weights, optimized: bool = False):
-    """Flax linen ``nn.RNN`` of an LSTM cell: ``(loss, params)``."""
-    import flax.linen as nn
-
+def flax_case(weights, nn, optimized: bool = False):
+    """Flax linen (``nn``) ``nn.RNN`` of an LSTM cell: ``(loss, params)``."""
     hidden = weights["wh"].shape[0]
     cell = nn.OptimizedLSTMCell(hidden) if optimized else nn.LSTMCell(hidden)
     model = nn.RNN(cell)
@@ -120,10 +106,8 @@ def flax_case(weights, optimized: bool = False):
     return lambda p, x, y: mse(model.apply(p, x), y), {"params": {"cell": params}}
 
 
-def equinox_case(weights):
+def equinox_case(weights, eqx):
     """Equinox ``LSTMCell`` under ``lax.scan``, batched with ``vmap``: ``(loss, params)``."""
-    import equinox as eqx
-
     n_in, hidden = weights["wi"].shape[0], weights["wh"].shape[0]
     cell = eqx.nn.LSTMCell(n_in, hidden, key=jax.random.key(0))
     cell = eqx.tree_at(lambda c: (c.weight_ih, c.weight_hh, c.bias), cell,
@@ -146,13 +130,8 @@ def equinox_case(weights):
     return lambda p, x, y: mse(forward(p, x), y), params
 
 
-def keras_case(weights):
+def keras_case(weights, keras):
     """Keras 3 ``layers.LSTM`` through ``stateless_call`` (JAX backend): ``(loss, params)``."""
-    os.environ.setdefault("KERAS_BACKEND", "jax")
-    import keras
-
-    if keras.backend.backend() != "jax":
-        raise ImportError("Keras is installed with a backend other than JAX")
     n_in, hidden = weights["wi"].shape[0], weights["wh"].shape[0]
     layer = keras.layers.LSTM(hidden, return_sequences=True)
     layer.build((None, None, n_in))
@@ -168,11 +147,13 @@ def keras_case(weights):
 
 
 PEERS = {
-    "flax linen nn.RNN(LSTMCell)": (flax_case, "flax"),
-    "flax linen nn.RNN(OptimizedLSTMCell)": (lambda w: flax_case(w, optimized=True), "flax"),
-    "equinox LSTMCell + lax.scan": (equinox_case, "equinox"),
-    "keras 3 LSTM (jax backend)": (keras_case, "keras"),
-}
+    "flax linen nn.RNN(LSTMCell)": ("flax linen", flax_case),
+    "flax linen nn.RNN(OptimizedLSTMCell)": (
+        "flax linen", lambda w, nn: flax_case(w, nn, optimized=True)),
+    "equinox LSTMCell + lax.scan": ("equinox", equinox_case),
+    "keras 3 LSTM (jax backend)": ("keras 3", keras_case),
+}  # fmt: skip
+"""``{label: (peer, case(weights, module) -> (loss, params))}``."""
 
 
 def implementations(weights, opt, unroll: int = 1, only: str | None = None, dtype=None):
@@ -184,7 +165,7 @@ def implementations(weights, opt, unroll: int = 1, only: str | None = None, dtyp
         unroll: the scan's unroll of fundl and the hand-written references.
         only: run only the peers whose name contains this.
         dtype: the compute dtype (``None``: the input's); the peers of :data:`GPU_SKIPS`
-            are skipped with a note when it is set.
+            and Keras 3 are skipped with a note when it is set.
     """
     hidden = weights["wh"].shape[0]
     layer = fl.rnn(fl.lstm_cell(hidden, dtype=dtype), unroll=unroll)
@@ -196,19 +177,15 @@ def implementations(weights, opt, unroll: int = 1, only: str | None = None, dtyp
         "fundl rnn(lstm_cell)": (lambda p, x, y: mse(layer.apply(p, (), x)[0], y), weights),
         FUSED: (lambda p, x, y: mse(fused.apply(p, (), x)[0], y), weights),
     }
-    notes = []
-    for label, (make, module) in PEERS.items():
-        if only and only not in label:
-            continue
-        if dtype is not None and module in GPU_SKIPS:
-            notes.append(f"{label} skipped in {jnp.dtype(dtype).name}: {GPU_SKIPS[module]}")
-            continue
-        try:
-            loss, params = make(weights)
-            impls[label] = (in_dtype(loss, dtype), params)
-        except ImportError as err:
-            notes.append(f"{module} not installed: {label} skipped ({err}; "
-                         "pip install -e '.[bench]')")  # fmt: skip
+    makers = {
+        label: (peer, functools.partial(case, weights))
+        for label, (peer, case) in PEERS.items()
+        if not only or only in label
+    }
+    peer_impls, notes = peers.build(makers, dtype, GPU_SKIPS)
+    impls |= {
+        label: (in_dtype(loss, dtype), params) for label, (loss, params) in peer_impls.items()
+    }
     return {name: (make_step(loss, opt), params) for name, (loss, params) in impls.items()}, notes
 
 
@@ -220,9 +197,8 @@ def compile_seconds(sizes: dict, time_steps: int, opt, unroll: int = 1) -> float
     params, state = layer.init(jax.random.key(0), x)
     step = make_step(lambda p, x, y: mse(layer.apply(p, state, x)[0], y), opt)
     opt_state = opt.init(params)
-    start = time.process_time()  # compiling is single-threaded: CPU time, less noisy
-    step.lower(params, opt_state, jnp.zeros(()), x, y).compile()
-    return time.process_time() - start
+    # compiling is single-threaded: CPU time, less noisy
+    return timed(lambda: step.lower(params, opt_state, jnp.zeros(()), x, y).compile())[2]
 
 
 def run(
@@ -258,8 +234,9 @@ def run(
         flops = 3 * 2 * b * t * (f + h) * 4 * h
         speed = Speed(b * t, "tokens", gpu.peak_tflops, model_flops=flops,
                       flops_source="the matmuls, 6 B T (in + H) 4H")  # fmt: skip
-        res = measure_train_steps(f"{case}, {gpu.dtype.__name__}", impls, opt, x, y, steps,
-                                  rounds, rtol=BF16_RTOL, speed=speed)  # fmt: skip
+        res = measure_train_steps(
+            gpu.label(case), impls, opt, x, y, steps, rounds, **gpu.options(speed)
+        )
     _, hoisted, fundl, fused = res.timings[:4]
     vs_hoisted = fundl.median_s / hoisted.median_s
     res.notes.append(f"fundl / plain JAX lax.scan = {fundl.ratio:.3f} (/ the hoisted one = "
@@ -288,14 +265,9 @@ def run(
 if __name__ == "__main__":
     import argparse
 
-    from benchmarks.harness import environment, format_table
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 7)")
     parser.add_argument("--steps", type=int, help="train steps per timed run (default 5)")
     parser.add_argument("--unroll", type=int, default=1)
     parser.add_argument("--only", help="run only the peers whose name contains this")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
-    args = parser.parse_args()
-    print(", ".join(f"{k}={v}" for k, v in environment().items()))
-    print(format_table(run(args.quick, args.rounds, args.steps, args.unroll, args.only)))
+    main(run, parser)

@@ -27,8 +27,8 @@ softmax in float32) with throughput and MFU notes, and skips the compile-time ca
 
 from __future__ import annotations
 
-import functools
-import time
+import dataclasses
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -36,28 +36,14 @@ import numpy as np
 import optax
 
 import fundl as fl
-from benchmarks.harness import (
-    BF16_RTOL,
-    CaseResult,
-    GpuRun,
-    Speed,
-    Timing,
-    compiled_memory_bytes,
-    in_dtype,
-    make_step,
-    measure_train_steps,
-    memory_high_water,
-    record_memory,
-    set_ratios,
-)
+from benchmarks.costs import Speed, compiled_memory_bytes, memory_high_water
+from benchmarks.report import main
+from benchmarks.steps import GpuRun, in_dtype, make_step, measure_train_steps, mse
+from benchmarks.timing import CaseResult, summary, timed, with_peak_memory, with_ratios
 
 BLOCK = {"batch": 8, "time": 128, "width": 256, "heads": 8}
 BLOCK_QUICK = {"batch": 2, "time": 16, "width": 32, "heads": 2}
 BLOCK_GPU = {"batch": 16, "time": 1024, "width": 1024, "heads": 16}
-
-
-def _mse(y, target):
-    return jnp.mean(jnp.square(y.astype(target.dtype) - target))  # float32 target: f32 loss
 
 
 def _layer_norm(p, x, eps=1e-5):
@@ -121,10 +107,10 @@ def block_case(quick: bool, gpu: GpuRun | None = None) -> CaseResult:
     opt = optax.adam(1e-3)
 
     def plain_loss(p, x, y):
-        return _mse(plain_block(p, x, heads), y)
+        return mse(plain_block(p, x, heads), y)
 
     def fundl_loss(p, x, y):
-        return _mse(block.apply(p, state, x)[0], y)
+        return mse(block.apply(p, state, x)[0], y)
 
     impls = {"plain JAX": (make_step(in_dtype(plain_loss, dtype), opt), weights),
              "fundl": (make_step(fundl_loss, opt), weights)}  # fmt: skip
@@ -132,7 +118,7 @@ def block_case(quick: bool, gpu: GpuRun | None = None) -> CaseResult:
         kernel = "cudnn" if jax.default_backend() == "gpu" else "xla"  # as gpt2.py --impl plain
 
         def fused_loss(p, x, y):
-            return _mse(plain_block(p, x, heads, kernel), y)
+            return mse(plain_block(p, x, heads, kernel), y)
 
         impls[f"plain JAX, jax.nn.dot_product_attention ({kernel})"] = (
             make_step(in_dtype(fused_loss, dtype), opt), weights)  # fmt: skip
@@ -143,8 +129,8 @@ def block_case(quick: bool, gpu: GpuRun | None = None) -> CaseResult:
     else:
         steps = 1 if quick else 3
         speed = Speed(batch * t, "tokens", gpu.peak_tflops)
-        res = measure_train_steps(f"{case}, {gpu.dtype.__name__}", impls, opt, x, target, steps,
-                                  2 if quick else 5, rtol=BF16_RTOL, speed=speed)  # fmt: skip
+        res = measure_train_steps(gpu.label(case), impls, opt, x, target, steps,
+                                  2 if quick else 5, **gpu.options(speed))  # fmt: skip
     kernel_dtype = jnp.dtype(dtype or jnp.float32)
     kernel = fl.attention._choose(None, kernel_dtype, width // heads, False, False, False)
     backend = jax.default_backend()
@@ -157,6 +143,15 @@ def block_case(quick: bool, gpu: GpuRun | None = None) -> CaseResult:
                          "custom call XLA counts no FLOPs in)")  # fmt: skip
         res.notes.append("compile-time case skipped under --gpu (run the suite without --gpu)")
     return res
+
+
+def _compile_step(model, state, opt, args):
+    """A new train step through ``model`` (no cache hit), lowered and compiled for ``args``."""
+
+    def loss(p, x, y):
+        return mse(model.apply(p, state, x)[0], y)
+
+    return make_step(loss, opt).lower(*args).compile()
 
 
 def compile_case(quick: bool) -> CaseResult:
@@ -176,23 +171,14 @@ def compile_case(quick: bool) -> CaseResult:
     timings = []
     for name, model in models.items():
         params, state = model.init(jax.random.key(0), x)
-        opt_state = opt.init(params)
-
-        def loss(p, x, y, model=model, state=state):
-            return _mse(model.apply(p, state, x)[0], y)
-
-        samples, cpu = [], []
-        for _ in range(1 if quick else 3):
-            step = make_step(functools.partial(loss), opt)  # a new function: no cache hit
-            c0, t0 = time.process_time(), time.perf_counter()
-            compiled = step.lower(params, opt_state, jnp.zeros(()), x, x).compile()
-            samples.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-        med = float(np.median(samples))
-        timings.append(Timing(name, med, med, float(np.ptp(samples)), samples=samples,
-                              cpu_median_s=float(np.median(cpu)),
-                              memory_bytes=compiled_memory_bytes(compiled)))  # fmt: skip
-    set_ratios(timings)
+        args = (params, opt.init(params), jnp.zeros(()), x, x)
+        runs = [timed(lambda: _compile_step(model, state, opt, args))  # noqa: B023 (called now)
+                for _ in range(1 if quick else 3)]  # fmt: skip
+        samples = [wall for _, wall, _ in runs]
+        timing = summary(name, statistics.median(samples), samples, [cpu for *_, cpu in runs])
+        memory = compiled_memory_bytes(runs[-1][0])
+        timings.append(dataclasses.replace(timing, memory_bytes=memory))
+    timings = with_ratios(timings)
     res = CaseResult(f"compile time of a train step, decoder blocks width {width}", "compile",
                      timings)  # fmt: skip
     res.notes.append(f"repeat({depth}) / repeat(1) = {timings[1].ratio:.2f} (target <= 2); "
@@ -202,7 +188,7 @@ def compile_case(quick: bool) -> CaseResult:
         res.notes.append(f"repeat({depth}) / repeat(2) = {per_two:.2f}: XLA drops a loop of "
                          "one trip, so repeat(1) compiles as straight-line code; from 2 copies "
                          "on, the compile time does not grow with depth")  # fmt: skip
-    return record_memory(res, before)
+    return with_peak_memory(res, before)
 
 
 def run(quick: bool = False, gpu: GpuRun | None = None) -> list[CaseResult]:
@@ -215,10 +201,4 @@ def run(quick: bool = False, gpu: GpuRun | None = None) -> list[CaseResult]:
 if __name__ == "__main__":
     import argparse
 
-    from benchmarks.harness import environment, format_table
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
-    quick = parser.parse_args().quick
-    print(", ".join(f"{k}={v}" for k, v in environment().items()))
-    print(format_table(run(quick)))
+    main(run, argparse.ArgumentParser(description=__doc__.splitlines()[0]))

@@ -13,18 +13,14 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from benchmarks.harness import (
-    CaseResult,
-    format_table,
-    measure,
-    note_vs_fastest,
-    plot,
-    write_json,
-)
+from benchmarks import peers
+from benchmarks.report import format_table, note_vs_fastest, plot, write_json
+from benchmarks.timing import CaseResult, iqr, measure, rotations
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUPS = (("mlp", "cnn", "fit"), ("rnn", "attention", "transformer"))
@@ -136,7 +132,7 @@ def test_fit_suite(quick):
         assert names[:5] == ["plain JAX, step", "plain JAX, scan", "fl.fit K=1", "fl.fit K=3",
                              "fl.fit K=9"]  # fmt: skip
         keras = "Keras 3 (jax)" in names
-        assert keras or any(n.startswith(("Keras 3 not installed", "Keras runs on"))
+        assert keras or any(n.startswith(("keras not installed: keras 3 skipped", "Keras runs on"))
                             for n in case["notes"])  # fmt: skip
     notes = " ".join(
         _case(records, "training loop, digits MLP, batch 32, 280 examples (9 steps/epoch): steady")[
@@ -168,8 +164,8 @@ def test_plot_is_written(quick):
     assert (out / "ratios.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_harness_table_json_and_plot(tmp_path):
-    """The harness itself, on trivial work: ratios, table columns, notes, JSON keys."""
+def test_report_table_json_and_plot(tmp_path):
+    """The timing and the report, on trivial work: ratios, table columns, notes, JSON keys."""
     res = measure("trivial", {"plain JAX": lambda: None, "fundl": lambda: sum(range(1000))},
                   rounds=3)  # fmt: skip
     assert isinstance(res, CaseResult) and res.timings[0].ratio == 1.0
@@ -193,7 +189,7 @@ def test_gpu_option_smoke(tmp_path):
     """``--gpu --quick``: bfloat16 cases with throughput and MFU in the notes and the JSON.
 
     Tiny sizes in bfloat16 on the CPU (the code path of the GPU run, not its sizes); the
-    peak is given, as the CPU has none in ``benchmarks.gpt2``'s table. Structure only.
+    peak is given, as the CPU has none in ``benchmarks.costs``' table. Structure only.
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -225,3 +221,52 @@ def test_default_run_writes_no_speed(quick):
     """Without ``--gpu`` the JSON record keeps its keys: no ``speed`` entry."""
     _, records, _ = quick
     assert not any("speed" in case for case in _cases(records).values())
+
+
+def test_rotations_run_each_once_per_round_in_turn():
+    orders = list(rotations(["a", "b", "c"], 4))
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+
+
+def test_iqr_is_the_nearest_rank_interquartile_range():
+    assert iqr([5.0, 1.0, 3.0, 2.0, 4.0, 6.0, 8.0, 7.0]) == 7.0 - 3.0  # sorted: q1 3, q3 7
+    assert iqr([2.0]) == 0.0
+
+
+def test_measure_reports_the_slower_function_slower():
+    # Sleeps, not work: a busy shared machine stretches work, not a sleep's floor.
+    res = measure("sleep", {"short": lambda: time.sleep(1e-3), "long": lambda: time.sleep(2e-2)},
+                  rounds=5)  # fmt: skip
+    short, long = res.timings
+    assert short.ratio == 1.0 and long.ratio > 5 and long.median_s >= 2e-2
+    assert len(long.samples) == 5 and long.iqr_s >= 0
+
+
+def test_measure_times_the_first_call_apart_from_the_rounds():
+    # The first call stands for a compilation: it is the compile time, in no round.
+    calls = []
+
+    def run():
+        calls.append(None)
+        time.sleep(0.2 if len(calls) == 1 else 0)
+
+    (t,) = measure("compile", {"f": run}, rounds=3).timings
+    assert len(calls) == 1 + 1 + 3  # compile, warm-up, rounds
+    assert t.compile_s >= 0.2 and max(t.samples) < 0.2
+
+
+def test_peers_note_a_missing_peer_once(monkeypatch):
+    monkeypatch.setitem(peers.PEERS, "absent", peers.Peer("no_such_module_for_fundl", "absent-pkg"))
+    makers = {"absent a": ("absent", lambda m: "a"), "absent b": ("absent", lambda m: "b"),
+              "stax": ("stax", lambda stax: stax.Dense)}  # fmt: skip
+    impls, notes = peers.build(makers)
+    assert list(impls) == ["stax"] and callable(impls["stax"])
+    assert notes == ["absent-pkg not installed: absent skipped (pip install -e '.[bench]')"]
+
+
+def test_peers_skip_in_a_dtype_they_do_not_take_from_a_cast():
+    makers = {"keras 3 x": ("keras 3", lambda keras: "x"), "stax": ("stax", lambda stax: "s")}
+    impls, notes = peers.build(makers, "bfloat16", skips={"stax": "a reason"})
+    assert impls == {}
+    assert notes == ["keras 3 skipped in bfloat16: Keras sets precision by a global dtype policy",
+                     "stax skipped in bfloat16: a reason"]  # fmt: skip
