@@ -11,11 +11,11 @@ adamw; params and optimizer state donated. Attention uses fundl's default kernel
 backend (cuDNN flash attention on an NVIDIA GPU in bf16). ``--impl plain`` runs the same
 model hand-written in plain JAX (the floor; blocks as a Python loop).
 
-Two settings matter on a GPU (measured on an H200, batch 16; see ``RESULTS.md``): the stack
-fully unrolled (``fl.repeat(..., unroll=12)``, the default here on a GPU: XLA then drops the
-loop and fuses across blocks; 26.8% -> 35.2% MFU) and XLA's Triton GEMMs off
-(``XLA_FLAGS=--xla_gpu_enable_triton_gemm=false``, cuBLAS for every matmul; 35.2% -> 40.0%),
-which ``benchmarks/gpu.sh`` sets.
+Two settings matter on a GPU (their figures are in ``RESULTS.md``): the stack fully
+unrolled (``fl.repeat(..., unroll=12)``, the default here on a GPU: XLA then drops the loop
+and fuses across blocks) and XLA's Triton GEMMs off
+(``XLA_FLAGS=--xla_gpu_enable_triton_gemm=false``, cuBLAS for every matmul), which
+``benchmarks/gpu.sh`` sets.
 
 MFU = achieved model FLOP/s / peak FLOP/s, with the model FLOPs per token of the PaLM paper
 (appendix B): ``6 N + 12 L d T`` (N params, L blocks, d width, T context; no discount for the
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     impl = None if args.attention == "auto" else args.attention
     if args.impl == "plain":
         args.unroll = 0  # blocks as a Python loop: no scan to unroll
-    elif args.unroll is None:  # a full unroll ran 1.3x faster on an H200 (see RESULTS.md)
+    elif args.unroll is None:  # a full unroll is faster on a GPU (see RESULTS.md)
         args.unroll = cfg["layers"] if jax.default_backend() == "gpu" else 1
     result = run_benchmark(cfg, steps, args.peak_tflops, implementation=impl, impl=args.impl,
                            unroll=args.unroll)  # fmt: skip
