@@ -29,7 +29,7 @@ import fundl as fl
 from benchmarks import peers
 from benchmarks.costs import Speed
 from benchmarks.report import main, note_vs_fastest
-from benchmarks.steps import GpuRun, in_dtype, make_step, measure_train_steps, mse
+from benchmarks.steps import GpuRun, in_dtype, make_step, measure_run, mse
 from benchmarks.timing import CaseResult
 
 BATCH, TIME, WIDTH, HEADS = 8, 256, 256, 8
@@ -199,12 +199,9 @@ def attention_case(quick: bool, gpu: GpuRun | None = None) -> CaseResult:
     steps = 1 if quick else 3
     case = (f"causal self-attention train step, batch {batch}, {time_} positions, width "
             f"{width}, {heads} heads")  # fmt: skip
-    if gpu is None:
-        res = measure_train_steps(case, impls, opt, x, target, steps, 2 if quick else 15)
-    else:
-        speed = Speed(batch * time_, "tokens", gpu.peak_tflops)
-        res = measure_train_steps(gpu.label(case), impls, opt, x, target, steps,
-                                  2 if quick else 5, **gpu.options(speed))  # fmt: skip
+    rounds = 2 if quick else 5 if gpu else 15
+    speed = Speed(batch * time_, "tokens")
+    res = measure_run(gpu, case, impls, opt, x, target, steps, rounds, speed)
     kernel_dtype = jnp.dtype(dtype or jnp.float32)
     kernel = fl.attention._choose(None, kernel_dtype, width // heads, False, False, False)
     res.notes.append(f"{note_vs_fastest(res)}; fundl's kernel on {jax.default_backend()} "

@@ -33,7 +33,7 @@ from benchmarks.steps import (
     cross_entropy,
     in_dtype,
     make_step,
-    measure_train_steps,
+    measure_run,
     nnx_train_step,
 )
 from benchmarks.timing import CaseResult
@@ -209,9 +209,7 @@ def case(batch: int, quick: bool, rng, gpu: GpuRun | None = None) -> CaseResult:
     impls, notes = implementations(convs, denses, dtype)
     name, steps = f"lenet train step, batch {batch}", 2 if quick else 10
     rounds = 3 if quick else 20 if gpu else 30
-    options = gpu.options(Speed(batch, "examples", gpu.peak_tflops)) if gpu else {}
-    res = measure_train_steps(gpu.label(name) if gpu else name, impls, opt, x, y, steps, rounds,
-                              **options)  # fmt: skip
+    res = measure_run(gpu, name, impls, opt, x, y, steps, rounds, Speed(batch, "examples"))
     if gpu is not None:
         res.notes.append(f"{jnp.dtype(dtype).name} compute over float32 params")
     res.notes.extend(notes)
@@ -226,9 +224,8 @@ def run(
     ``gpu``: batch 1,024 (``quick``: 8) in ``gpu.dtype`` compute, with throughput and MFU.
     """
     rng = np.random.default_rng(0)
-    if gpu is not None:
-        return [case(8 if quick else 1024, quick, rng, gpu)]
-    return [case(batch, quick, rng) for batch in (batches[:1] if quick else batches)]
+    sizes = [8 if quick else 1024] if gpu else batches[:1] if quick else batches
+    return [case(batch, quick, rng, gpu) for batch in sizes]
 
 
 if __name__ == "__main__":

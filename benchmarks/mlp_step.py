@@ -32,7 +32,7 @@ from benchmarks.steps import (
     cross_entropy,
     in_dtype,
     make_step,
-    measure_train_steps,
+    measure_run,
     nnx_train_step,
 )
 from benchmarks.timing import CaseResult
@@ -180,9 +180,7 @@ def case(batch: int, quick: bool, rng, gpu: GpuRun | None = None) -> CaseResult:
     impls, notes = implementations(weights, opt, dtype)
     name, steps = f"mlp train step, batch {batch}", 2 if quick else 20
     rounds = 3 if quick else 30 if gpu else 150
-    options = gpu.options(Speed(batch, "examples", gpu.peak_tflops)) if gpu else {}
-    res = measure_train_steps(gpu.label(name) if gpu else name, impls, opt, x, y, steps, rounds,
-                              **options)  # fmt: skip
+    res = measure_run(gpu, name, impls, opt, x, y, steps, rounds, Speed(batch, "examples"))
     if gpu is not None:
         res.notes.append(
             f"{jnp.dtype(dtype).name} compute over float32 params; the seed "
@@ -200,9 +198,8 @@ def run(
     ``gpu``: batch 4,096 (``quick``: 8) in ``gpu.dtype`` compute, with throughput and MFU.
     """
     rng = np.random.default_rng(0)
-    if gpu is not None:
-        return [case(8 if quick else 4096, quick, rng, gpu)]
-    return [case(batch, quick, rng) for batch in (batches[:1] if quick else batches)]
+    sizes = [8 if quick else 4096] if gpu else batches[:1] if quick else batches
+    return [case(batch, quick, rng, gpu) for batch in sizes]
 
 
 if __name__ == "__main__":

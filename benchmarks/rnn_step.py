@@ -45,7 +45,7 @@ import fundl as fl
 from benchmarks import peers
 from benchmarks.costs import Speed
 from benchmarks.report import main, note_vs_fastest
-from benchmarks.steps import GpuRun, in_dtype, make_step, measure_train_steps, mse
+from benchmarks.steps import GpuRun, in_dtype, make_step, measure_run, mse
 from benchmarks.timing import CaseResult, timed
 
 SIZES = {"batch": 32, "time": 128, "features": 64, "hidden": 256}
@@ -226,17 +226,12 @@ def run(
     opt = optax.adam(1e-3)
     impls, notes = implementations(weights, opt, unroll, only, dtype)
     case = f"lstm train step, batch {b}, {t} steps, {f} inputs, {h} hidden"
-    if gpu is None:
-        res = measure_train_steps(case, impls, opt, x, y, steps, rounds)
-    else:
-        # XLA's cost analysis counts a scan's body once: the matmuls' FLOPs by hand instead,
-        # 2 per multiply-add of x W_i and h W_h over every step, forward and backward (3x)
-        flops = 3 * 2 * b * t * (f + h) * 4 * h
-        speed = Speed(b * t, "tokens", gpu.peak_tflops, model_flops=flops,
-                      flops_source="the matmuls, 6 B T (in + H) 4H")  # fmt: skip
-        res = measure_train_steps(
-            gpu.label(case), impls, opt, x, y, steps, rounds, **gpu.options(speed)
-        )
+    # XLA's cost analysis counts a scan's body once: the matmuls' FLOPs by hand instead,
+    # 2 per multiply-add of x W_i and h W_h over every step, forward and backward (3x)
+    flops = 3 * 2 * b * t * (f + h) * 4 * h
+    speed = Speed(b * t, "tokens", model_flops=flops,
+                  flops_source="the matmuls, 6 B T (in + H) 4H")  # fmt: skip
+    res = measure_run(gpu, case, impls, opt, x, y, steps, rounds, speed)
     _, hoisted, fundl, fused = res.timings[:4]
     vs_hoisted = fundl.median_s / hoisted.median_s
     res.notes.append(f"fundl / plain JAX lax.scan = {fundl.ratio:.3f} (/ the hoisted one = "

@@ -55,14 +55,6 @@ class GpuRun:
     peak_tflops: float | None = None
     dtype: Any = jnp.bfloat16
 
-    def options(self, speed: Speed) -> dict:
-        """:func:`measure_train_steps`'s ``rtol`` and ``speed`` for this run."""
-        return {"rtol": BF16_RTOL, "speed": speed}
-
-    def label(self, case: str) -> str:
-        """The name of ``case`` run in this dtype."""
-        return f"{case}, {jnp.dtype(self.dtype).name}"
-
 
 def mse(y: jax.Array, target: jax.Array) -> jax.Array:
     """Mean squared error in ``target``'s dtype (float32 targets: a float32 loss)."""
@@ -237,3 +229,19 @@ def measure_train_steps(
         speed_of = speeds({t.name: t.median_s for t in timings}, flops, speed, steps)
         res = dataclasses.replace(res, speed=speed_of, notes=[*res.notes, speed_note(speed_of)])
     return with_peak_memory(res, before)
+
+
+def measure_run(
+    gpu: GpuRun | None, case: str, impls: dict, opt, x, y, steps: int, rounds: int, speed: Speed
+) -> CaseResult:
+    """:func:`measure_train_steps` in float32 (``gpu=None``), or as ``gpu`` says.
+
+    With ``gpu``: the case named with its dtype, first losses to :data:`BF16_RTOL`, and
+    throughput and MFU of ``speed`` against ``gpu.peak_tflops``.
+    """
+    if gpu is None:
+        return measure_train_steps(case, impls, opt, x, y, steps, rounds)
+    return measure_train_steps(
+        f"{case}, {jnp.dtype(gpu.dtype).name}", impls, opt, x, y, steps, rounds,
+        rtol=BF16_RTOL, speed=dataclasses.replace(speed, peak_tflops=gpu.peak_tflops),
+    )  # fmt: skip

@@ -38,7 +38,7 @@ import optax
 import fundl as fl
 from benchmarks.costs import Speed, compiled_memory_bytes, memory_high_water
 from benchmarks.report import main
-from benchmarks.steps import GpuRun, in_dtype, make_step, measure_train_steps, mse
+from benchmarks.steps import GpuRun, in_dtype, make_step, measure_run, mse
 from benchmarks.timing import CaseResult, summary, timed, with_peak_memory, with_ratios
 
 BLOCK = {"batch": 8, "time": 128, "width": 256, "heads": 8}
@@ -123,14 +123,9 @@ def block_case(quick: bool, gpu: GpuRun | None = None) -> CaseResult:
         impls[f"plain JAX, jax.nn.dot_product_attention ({kernel})"] = (
             make_step(in_dtype(fused_loss, dtype), opt), weights)  # fmt: skip
     case = f"decoder block train step, batch {batch}, {t} positions, width {width}, {heads} heads"
-    steps = 1 if quick else 5
-    if gpu is None:
-        res = measure_train_steps(case, impls, opt, x, target, steps, 2 if quick else 30)
-    else:
-        steps = 1 if quick else 3
-        speed = Speed(batch * t, "tokens", gpu.peak_tflops)
-        res = measure_train_steps(gpu.label(case), impls, opt, x, target, steps,
-                                  2 if quick else 5, **gpu.options(speed))  # fmt: skip
+    steps, rounds = (1, 2) if quick else (3, 5) if gpu else (5, 30)
+    speed = Speed(batch * t, "tokens")
+    res = measure_run(gpu, case, impls, opt, x, target, steps, rounds, speed)
     kernel_dtype = jnp.dtype(dtype or jnp.float32)
     kernel = fl.attention._choose(None, kernel_dtype, width // heads, False, False, False)
     backend = jax.default_backend()
