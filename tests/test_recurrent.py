@@ -476,7 +476,7 @@ def test_error_messages_for_misuse():
         "fl.simple_rnn_cell(H), or wrap a custom cell with fl.make_cell(layer, initial_carry)."
     )):  # fmt: skip
         fl.rnn(fl.dense(3))
-    with pytest.raises(ValueError, match=re.escape("lstm_cell(0): hidden must be a positive")):
+    with pytest.raises(ValueError, match=re.escape("lstm_cell(0): features must be a positive")):
         fl.lstm_cell(0)
     layer = fl.rnn(fl.lstm_cell(2))
     with pytest.raises(ValueError, match=re.escape(
