@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,27 @@ def _check_directions(name: str, forward: Layer, backward: Layer) -> None:
         raise ValueError(
             f"{name}: the backward layer runs forward; build it with fl.rnn(cell, reverse=True)."
         )
+
+
+def _merge_function(name: str, merge: str | Callable) -> Callable:
+    """``merge`` itself, or the function a merge's name stands for."""
+    if not isinstance(merge, str):
+        return merge
+    if merge not in _MERGES:
+        raise ValueError(f"{name}: merge must be one of {sorted(_MERGES)} or a function.")
+    return _MERGES[merge]
+
+
+def _split_carry(name: str, carry: Any) -> tuple[Any, Any]:
+    """``(forward_carry, backward_carry)`` from the optional pair ``carry``."""
+    if carry is None:
+        return None, None
+    if not isinstance(carry, tuple | list) or len(carry) != 2:
+        raise ValueError(
+            f"{name}: carry must be a pair (forward_carry, backward_carry), got "
+            f"{type(carry).__name__}."
+        )
+    return carry
 
 
 def bidirectional(
@@ -77,35 +99,22 @@ def bidirectional(
         )
     merge_name = merge if isinstance(merge, str) else getattr(merge, "__name__", "merge")
     name = f"bidirectional({layer_name(forward)}, {layer_name(backward)}, {merge_name})"
-    if isinstance(merge, str):
-        if merge not in _MERGES:
-            raise ValueError(f"{name}: merge must be one of {sorted(_MERGES)} or a function.")
-        merge = _MERGES[merge]
+    merge = _merge_function(name, merge)
     _check_directions(name, forward, backward)
     with_carry = all(_rnn_meta(d).get("return_carry", False) for d in (forward, backward))
     layers = {"forward": forward, "backward": backward}
 
-    def split_carry(carry):
-        if carry is None:
-            return None, None
-        if not isinstance(carry, tuple | list) or len(carry) != 2:
-            raise ValueError(
-                f"{name}: carry must be a pair (forward_carry, backward_carry), got "
-                f"{type(carry).__name__}."
-            )
-        return carry
-
     def init(key, x, lengths=None, carry=None):
         params, state = {}, {}
-        for (d, layer), k, c in zip(layers.items(), jax.random.split(key), split_carry(carry),
-                                    strict=True):  # fmt: skip
+        carries = _split_carry(name, carry)
+        for (d, layer), k, c in zip(layers.items(), jax.random.split(key), carries, strict=True):
             params[d], state[d] = call(f"bidirectional.{d}", layer.init, k, x, lengths, c)
         return params, state
 
     def apply(params, state, x, lengths=None, carry=None, *, key=None, train=False):
         keys = (None, None) if key is None else jax.random.split(key)
         outs, new_state = {}, {}
-        for (d, layer), k, c in zip(layers.items(), keys, split_carry(carry), strict=True):
+        for (d, layer), k, c in zip(layers.items(), keys, _split_carry(name, carry), strict=True):
             outs[d], new_state[d] = call(f"bidirectional.{d}", layer.apply, params[d],
                                          state[d], x, lengths, c, key=k, train=train)  # fmt: skip
         of, ob = outs["forward"], outs["backward"]

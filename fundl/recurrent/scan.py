@@ -187,8 +187,9 @@ def _hoisted_scan(cell: Cell, opts: _Options, params, state, carry, x, masks, ke
     return _masked_scan(opts, step, carry, state, xs, masks, None)
 
 
-def _fused_scan(cell: Cell, opts: _Options, params, state, carry, x, masks, key, train, *,
-                hoisted: bool):  # fmt: skip
+def _fused_scan(
+    cell: Cell, opts: _Options, params, state, carry, x, masks, key, train, *, hoisted: bool
+):
     """A built-in cell with the params' gradients fused after the backward loop."""
     del key, train
     parts = cell.parts
