@@ -49,6 +49,7 @@ from fundl.metrics import accuracy, masked_mean
 from fundl.norm import BatchNormState, batch_norm, group_norm, layer_norm, rms_norm
 from fundl.pooling import avg_pool, global_avg_pool, global_max_pool, max_pool
 from fundl.recurrent import (
+    Cell,
     bidirectional,
     gru_cell,
     initial_carry,
@@ -125,6 +126,7 @@ __all__ = [
     "rms_norm",
     "dropout",
     # recurrent layers
+    "Cell",
     "simple_rnn_cell",
     "lstm_cell",
     "gru_cell",

@@ -398,6 +398,85 @@ def test_compiles_once_per_shape():
     assert compiles == []
 
 
+# -- cells as values --------------------------------------------------------------------------
+
+
+def leaky_cell_parts():
+    """A custom cell: h' = 0.5 h + tanh(x W), y = 2 h'; params {"w": (in, 3)}."""
+
+    def init(key, h, x):
+        return {"w": jax.random.normal(key, (x.shape[-1], h.shape[-1]), x.dtype)}, ()
+
+    def apply(params, state, h, x, key=None, train=False):
+        h = 0.5 * h + jnp.tanh(x @ params["w"])
+        return (h, 2 * h), state
+
+    def zeros(batch_shape, dtype):
+        return jnp.zeros((*batch_shape, 3), dtype)
+
+    return init, apply, zeros
+
+
+def test_make_cell_returns_a_new_cell_and_leaves_its_layer_as_it_was():
+    init, apply, zeros = leaky_cell_parts()
+    layer = fl.core.named(fl.Layer(init, apply), "leaky")
+    info = fl.core.layer_info(layer)
+    attributes = dict(vars(layer.apply))
+    cell = fl.make_cell(layer, zeros)
+    assert isinstance(cell, fl.Cell) and not isinstance(cell, fl.Layer)
+    assert cell == fl.Cell(layer.init, layer.apply, zeros, None)
+    assert layer == fl.Layer(layer.init, layer.apply) and vars(layer.apply) == attributes
+    assert fl.core.layer_info(layer) == info
+    assert not hasattr(apply, "_fundl_cell")
+    assert repr(cell) == "Cell(leaky)" and cell.layer == layer
+    with pytest.raises(TypeError, match=re.escape("rnn: leaky is not a recurrent cell.")):
+        fl.rnn(layer)  # the layer itself did not become a cell
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_custom_cell_value_runs_in_rnn_against_numpy(reverse):
+    with jax.enable_x64(True):
+        cell = fl.Cell(*leaky_cell_parts())
+        x = np.random.default_rng(0).standard_normal((2, 4, 2))
+        lengths = np.asarray([4, 2], np.int32)
+        # hoist and fused_backward apply to built-in cells only: a custom cell ignores them
+        layer = fl.rnn(cell, return_carry=True, reverse=reverse, hoist=True, fused_backward=True)
+        params, state = layer.init(jax.random.key(0), x)
+        (ys, h), _ = layer.apply(params, state, jnp.asarray(x), jnp.asarray(lengths))
+        w = np.asarray(params["w"])
+        ref_ys, ref_h = np.zeros((2, 4, 3)), np.zeros((2, 3))
+        for b in range(2):
+            steps = range(lengths[b])
+            for t in reversed(steps) if reverse else steps:
+                ref_h[b] = 0.5 * ref_h[b] + np.tanh(x[b, t] @ w)
+                ref_ys[b, t] = 2 * ref_h[b]
+        assert_trees_close((ys, h), (ref_ys, ref_h), atol=1e-12, rtol=1e-12, what="custom")
+        # no custom_vjp on a custom cell: forward mode works
+        jax.jvp(lambda p: layer.apply(p, state, x)[0], (params,), (params,))
+
+
+def test_cell_layer_and_rnn_meta():
+    cell = fl.lstm_cell(3)
+    assert repr(cell) == "Cell(lstm_cell(3))" and cell.name == "lstm_cell(3)"
+    carry = fl.initial_carry(cell, (2,))
+    step = fl.serial(cell.layer)  # the step as a layer composes like any layer
+    params, state = step.init(jax.random.key(0), carry, jnp.ones((2, 4)))
+    (_, y), _ = step.apply(params, state, carry, jnp.ones((2, 4)))
+    assert y.shape == (2, 3)
+    layer = fl.rnn(cell, reverse=True, return_carry=True)
+    assert fl.core.layer_info(layer).meta["rnn"] == {"reverse": True, "return_carry": True}
+    assert layer.children == (("rnn", cell.layer),)
+
+
+@pytest.mark.parametrize("make", [fl.lstm_cell, fl.gru_cell, fl.simple_rnn_cell])
+def test_old_hidden_keyword_names_features(make):
+    name = make.__name__
+    msg = f"{name}: the keyword hidden= is now features=, e.g. {name}(features=8)."
+    with pytest.raises(TypeError, match=re.escape(msg)):
+        make(hidden=8)
+    assert make(features=8).name.startswith(f"{name}(8")
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 
@@ -476,7 +555,7 @@ def test_error_messages_for_misuse():
         "fl.simple_rnn_cell(H), or wrap a custom cell with fl.make_cell(layer, initial_carry)."
     )):  # fmt: skip
         fl.rnn(fl.dense(3))
-    with pytest.raises(ValueError, match=re.escape("lstm_cell(0): hidden must be a positive")):
+    with pytest.raises(ValueError, match=re.escape("lstm_cell(0): features must be a positive")):
         fl.lstm_cell(0)
     layer = fl.rnn(fl.lstm_cell(2))
     with pytest.raises(ValueError, match=re.escape(
