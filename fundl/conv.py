@@ -7,6 +7,8 @@ explain themselves, the padding modes and the params.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +34,13 @@ def _build(
     padding: win.PaddingLike,
     dilation: int | Sequence[int],
     groups: int,
-) -> tuple[str, int | None]:
-    """Checks the constructor arguments; returns the layer's name and the rank a tuple fixes."""
+) -> tuple[str, Callable[[Any], win.Window]]:
+    """Checks the constructor arguments.
+
+    Returns:
+        The layer's name, and ``window_for(x)``: checks an input ``(batch, *spatial,
+        channels)`` and returns the window spelled out for its spatial axes.
+    """
     name = win.describe(
         f"{kind}({features!r}, {kernel_size!r}",
         strides=None if strides == 1 else strides,
@@ -43,8 +50,9 @@ def _build(
     )
     if not isinstance(features, int) or features < 1:
         raise ValueError(f"{name}: features must be a positive int, got {features!r}.")
-    rank = win.fixed_rank(kernel_size)
-    win.window(name, "kernel_size", kernel_size, strides, dilation, padding, rank)
+    rank = win.fixed_rank(kernel_size)  # None: read from each input
+    spell = partial(win.window, name, "kernel_size", kernel_size, strides, dilation, padding)
+    spell(rank)  # what can be checked before the input is known
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"{name}: groups must be a positive int, got {groups!r}.")
     if features % groups:
@@ -52,23 +60,22 @@ def _build(
             f"{name}: features={features} is not divisible by groups={groups}; each "
             f"group needs the same number of output features. Use a multiple of {groups}."
         )
-    return name, rank
 
-
-def _window_for(name, x, rank, groups, kernel_size, strides, dilation, padding) -> win.Window:
-    """Checks the input ``(batch, *spatial, channels)``; the window for its spatial axes."""
-    n = win.spatial_axes(
-        name, x, rank, "kernel_size", strides=strides, dilation=dilation, padding=padding
-    )
-    check_floating(name, x)
-    channels = x.shape[-1]
-    if channels % groups:
-        raise ValueError(
-            f"{name}: the input has {channels} features (channels), not divisible by "
-            f"groups={groups}. Each group convolves channels / groups of them: use a groups "
-            f"value that divides {channels} (groups={channels} is depthwise)."
+    def window_for(x):
+        n = win.spatial_axes(
+            name, x, rank, "kernel_size", strides=strides, dilation=dilation, padding=padding
         )
-    return win.window(name, "kernel_size", kernel_size, strides, dilation, padding, n)
+        check_floating(name, x)
+        channels = x.shape[-1]
+        if channels % groups:
+            raise ValueError(
+                f"{name}: the input has {channels} features (channels), not divisible by "
+                f"groups={groups}. Each group convolves channels / groups of them: use a groups "
+                f"value that divides {channels} (groups={channels} is depthwise)."
+            )
+        return spell(n)
+
+    return name, window_for
 
 
 def _init_params(key, x, kernel, groups, features, use_bias, w_init, b_init, param_dtype):
@@ -181,11 +188,10 @@ def conv(
         A :class:`~fundl.Layer` mapping ``(batch, *spatial, in_features)`` to ``(batch,
         *out_spatial, features)``.
     """
-    name, rank = _build("conv", features, kernel_size, strides, padding, dilation, groups)
-    arguments = (groups, kernel_size, strides, dilation, padding)
+    name, window_for = _build("conv", features, kernel_size, strides, padding, dilation, groups)
 
     def window_and_pads(x):
-        w = _window_for(name, x, rank, *arguments)
+        w = window_for(x)
         sizes = tuple(x.shape[1:-1])
         pads = win.forward_pads(w.padding, sizes, win.dilated(w.shape, w.dilation), w.strides)
         win.check_fits(name, sizes, w.shape, w.dilation, pads, padding)
@@ -285,11 +291,12 @@ def conv_transpose(
         A :class:`~fundl.Layer` mapping ``(batch, *spatial, in_features)`` to ``(batch,
         *out_spatial, features)``.
     """
-    name, rank = _build("conv_transpose", features, kernel_size, strides, padding, dilation, groups)
-    arguments = (groups, kernel_size, strides, dilation, padding)
+    name, window_for = _build(
+        "conv_transpose", features, kernel_size, strides, padding, dilation, groups
+    )
 
     def window_and_pads(x):
-        w = _window_for(name, x, rank, *arguments)
+        w = window_for(x)
         spans = win.dilated(w.shape, w.dilation)
         cropped = _crops(w, spans)
         for axis, (size, k, s, (lo, hi)) in enumerate(

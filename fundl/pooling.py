@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -40,15 +41,14 @@ def _pool(
         strides=strides,
         padding=None if padding == "VALID" else padding,
     )
-    rank = win.fixed_rank(window)
-    _check_pool_padding(
-        name, padding, win.window(name, "window", window, strides, 1, padding, rank)
-    )
+    rank = win.fixed_rank(window)  # None: read from each input
+    spell = partial(win.window, name, "window", window, strides, 1, padding)
+    _check_pool_padding(name, padding, spell(rank))  # what can be checked before the input
 
     def window_and_pads(x):
         n = win.spatial_axes(name, x, rank, "window", strides=strides, padding=padding)
         check_floating(name, x)
-        w = win.window(name, "window", window, strides, 1, padding, n)
+        w = spell(n)
         _check_pool_padding(name, padding, w)
         sizes = tuple(x.shape[1:-1])
         pads = win.forward_pads(w.padding, sizes, w.shape, w.strides)
