@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from jax import lax
 
@@ -23,13 +23,18 @@ def spatial_names(n: int) -> str:
     return _SPATIAL_NAMES.get(n, f"d1, ..., d{n}")
 
 
+def _count(n: int, one: str, many: str) -> str:
+    """``"1 entry"``, ``"2 entries"``."""
+    return f"{n} {one if n == 1 else many}"
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def window_shape(who: str, what: str, value: Any) -> tuple[int, ...]:
-    """A kernel or window size: an int is 1-D, a sequence gives one size per spatial axis."""
-    sizes = (value,) if _is_int(value) else value
+def window_shape(who: str, what: str, value: Any, n: int) -> tuple[int, ...]:
+    """A kernel or window size for ``n`` spatial axes: an int is that size on every axis."""
+    sizes = (value,) * n if _is_int(value) else value
     if (
         not isinstance(sizes, Sequence)
         or isinstance(sizes, str)
@@ -37,8 +42,8 @@ def window_shape(who: str, what: str, value: Any) -> tuple[int, ...]:
         or not all(_is_int(v) for v in sizes)
     ):
         raise TypeError(
-            f"{who}: {what} must be an int (1-D) or a tuple of ints, one per spatial axis, "
-            f"got {value!r}. E.g. (3, 3) for images."
+            f"{who}: {what} must be an int (that size on every spatial axis) or a tuple of "
+            f"ints, one per spatial axis, got {value!r}. E.g. 3 or (3, 3) for images."
         )
     if any(v < 1 for v in sizes):
         raise ValueError(
@@ -46,6 +51,88 @@ def window_shape(who: str, what: str, value: Any) -> tuple[int, ...]:
             f"covers nothing; use 1 to leave an axis unchanged."
         )
     return tuple(int(v) for v in sizes)
+
+
+def _is_tuple(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str)
+
+
+def fixed_rank(size: Any) -> int | None:
+    """The number of spatial axes a kernel or window size fixes: its length, ``None`` for an int."""
+    return len(size) if _is_tuple(size) else None
+
+
+class Window(NamedTuple):
+    """A sliding window's arguments spelled out for ``len(shape)`` spatial axes.
+
+    Attributes:
+        shape: the kernel or window size per axis.
+        strides: the step per axis.
+        dilation: the kernel dilation per axis (all 1 for pooling).
+        padding: "SAME", "VALID", "CAUSAL", or one ``(lo, hi)`` pair per axis.
+    """
+
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilation: tuple[int, ...]
+    padding: str | tuple[tuple[int, int], ...]
+
+
+def window(
+    who: str, what: str, size: Any, strides: Any, dilation: Any, padding: Any, n: int | None
+) -> Window:
+    """Checks a window layer's arguments and spells them out for ``n`` spatial axes.
+
+    Args:
+        who: the layer's name, for errors.
+        what: the size argument's name, ``"kernel_size"`` or ``"window"``.
+        size: the kernel or window size, an int or one int per axis.
+        strides: an int or one per axis; ``None`` steps by the window.
+        dilation: an int or one per axis.
+        padding: a mode, an int, or ``(lo, hi)`` pairs.
+        n: the number of spatial axes; ``None`` (construction time, the rank not yet known)
+            takes it from the first tuple among the arguments, else 1.
+    """
+    if n is None:
+        n = next((len(v) for v in (size, strides, dilation, padding) if _is_tuple(v)), 1)
+    shape = window_shape(who, what, size, n)
+    steps = shape if strides is None else per_axis(who, "strides", strides, n)
+    return Window(
+        shape, steps, per_axis(who, "dilation", dilation, n), check_padding(who, padding, n)
+    )
+
+
+def spatial_axes(who: str, x: Any, rank: int | None, what: str, **per_axis_args: Any) -> int:
+    """The number of spatial axes of ``x``, ``(batch, *spatial, features)``, checked.
+
+    Args:
+        who: the layer's name, for errors.
+        x: the input, an array or ``jax.ShapeDtypeStruct``.
+        rank: the number of spatial axes a tuple kernel or window fixed, or ``None`` to read
+            it from ``x``.
+        what: the size argument's name, ``"kernel_size"`` or ``"window"``.
+        **per_axis_args: the layer's other arguments that may be per-axis tuples (strides,
+            dilation, padding); with ``rank=None`` a tuple must have one entry per axis.
+    """
+    if rank is not None:
+        check_rank(who, x, rank, what)
+        return rank
+    if x.ndim < 3:
+        raise ValueError(
+            f"{who}: input has shape {tuple(x.shape)} (rank {x.ndim}), expected (batch, "
+            f"*spatial, features) with at least one spatial axis (rank >= 3). Add a batch axis "
+            f"(x[None]) or, for one-channel data, a channel axis (x[..., None])."
+        )
+    n = x.ndim - 2
+    for arg, value in per_axis_args.items():
+        if _is_tuple(value) and len(value) != n:
+            raise ValueError(
+                f"{who}: {arg}={value!r} has {_count(len(value), 'entry', 'entries')}, but the "
+                f"input has shape {tuple(x.shape)}: {_count(n, 'spatial axis', 'spatial axes')} "
+                f"({spatial_names(n)}). Give {arg} one entry per spatial axis, or an int for "
+                f"every axis."
+            )
+    return n
 
 
 def per_axis(who: str, what: str, value: Any, n: int) -> tuple[int, ...]:
@@ -84,8 +171,8 @@ def check_padding(who: str, padding: Any, n: int) -> str | tuple[tuple[int, int]
             )
         if mode == "CAUSAL" and n != 1:
             raise ValueError(
-                f"{who}: padding 'CAUSAL' is for 1-D inputs (batch, length, features); this "
-                f"layer has {n} spatial axes. Use 'SAME', 'VALID' or explicit (low, high) pairs."
+                f"{who}: padding 'CAUSAL' is for 1-D inputs (batch, length, features), got "
+                f"{n} spatial axes. Use 'SAME', 'VALID' or explicit (low, high) pairs."
             )
         return mode
     if _is_int(padding):
@@ -157,19 +244,35 @@ def check_fits(
             )
 
 
-def check_rank(who: str, x: Any, n: int, what: str = "kernel") -> None:
-    """Raises unless ``x`` is ``(batch, *spatial(n), features)``."""
-    if x.ndim != n + 2:
-        hint = ""
-        if x.ndim == n + 1:
-            hint = (
-                " Add a batch axis (x[None]) or, for one-channel images, a channel axis "
-                "(x[..., None])."
-            )
-        raise ValueError(
-            f"{who}: input has shape {tuple(x.shape)} (rank {x.ndim}), expected rank {n + 2}: "
-            f"(batch, {spatial_names(n)}, features) for a {n}-D {what}.{hint}"
+def check_rank(who: str, x: Any, n: int, what: str = "kernel_size") -> None:
+    """Raises unless ``x`` is ``(batch, *spatial(n), features)``.
+
+    Args:
+        who: the layer's name, for errors.
+        x: the input, an array or ``jax.ShapeDtypeStruct``.
+        n: the number of spatial axes the tuple ``what`` fixed.
+        what: the size argument's name, ``"kernel_size"`` or ``"window"``.
+    """
+    if x.ndim == n + 2:
+        return
+    kind = "kernel" if what == "kernel_size" else what
+    message = (
+        f"{who}: input has shape {tuple(x.shape)} (rank {x.ndim}), expected rank {n + 2}: "
+        f"(batch, {spatial_names(n)}, features) for a {n}-D {kind}."
+    )
+    missing_axis = x.ndim == n + 1
+    if missing_axis:
+        message += (
+            " Add a batch axis (x[None]) or, for one-channel images, a channel axis (x[..., None])."
         )
+    if x.ndim >= 3:
+        m = x.ndim - 2
+        message += (
+            f" {'Or, f' if missing_axis else 'F'}or an input with "
+            f"{_count(m, 'spatial axis', 'spatial axes')} ({spatial_names(m)}), give {what} an "
+            f"int (that size on every spatial axis) or a tuple of {m}."
+        )
+    raise ValueError(message)
 
 
 def dimension_numbers(n: int) -> lax.ConvDimensionNumbers:

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fundl.core import Layer, layer_name, named, with_path
+from fundl.core import Layer, layer_name, named, renamed, with_path
 
 __all__ = [
     "as_layer",
@@ -257,15 +257,21 @@ def parallel(*layers: LayerLike, **named_layers: LayerLike) -> Layer:
     return named(Layer(init, apply), "parallel", tuple(zip(segments, children, strict=True)))
 
 
-def fan_out(n: int) -> Layer:
-    """Copies its input ``n`` times: ``x -> (x, x, ..., x)``.
+@renamed(n="times")
+def fan_out(times: int) -> Layer:
+    """Copies its input ``times`` times: ``x -> (x, x, ..., x)``.
+
+    Example:
+        >>> import jax.numpy as jnp, fundl as fl
+        >>> fl.fan_out(2).apply((), (), jnp.ones(3))[0]
+        (Array([1., 1., 1.], dtype=float32), Array([1., 1., 1.], dtype=float32))
 
     Args:
-        n: the number of copies, at least 1.
+        times: the number of copies, at least 1.
     """
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"fan_out(n): n must be a positive int, got {n!r}.")
-    return function(lambda x: (x,) * n, name=f"fan_out({n})")
+    if not isinstance(times, int) or isinstance(times, bool) or times < 1:
+        raise ValueError(f"fan_out(times): times must be a positive int, got {times!r}.")
+    return function(lambda x: (x,) * times, name=f"fan_out({times})")
 
 
 def fan_in_sum() -> Layer:
@@ -380,10 +386,11 @@ def identity() -> Layer:
     return function(lambda x: x, name="identity")
 
 
-def repeat(layer: LayerLike, n: int, *, unroll: int = 1) -> Layer:
-    """``n`` copies of a layer, each with its own params, applied one after another by a scan.
+@renamed(n="times")
+def repeat(layer: LayerLike, times: int, *, unroll: int = 1) -> Layer:
+    """``times`` copies of a layer, each with its own params, applied one after another by a scan.
 
-    The copies' params (and state) are stacked on a new leading axis of size ``n`` and the
+    The copies' params (and state) are stacked on a new leading axis of size ``times`` and the
     stack runs under ``jax.lax.scan``, so XLA compiles the layer once: a 24-block transformer
     compiles about as fast as a 1-block one (unlike ``serial(block, block, ...)``). The output
     of each copy is the input of the next, so the layer must map its first input to the same
@@ -405,20 +412,19 @@ def repeat(layer: LayerLike, n: int, *, unroll: int = 1) -> Layer:
 
     Args:
         layer: the layer (or function) to copy.
-        n: the number of copies, at least 1.
+        times: the number of copies, at least 1.
         unroll: passed to ``jax.lax.scan``: copies per loop iteration (more can run faster
-            and compiles slower). ``unroll=n`` removes the loop (params stay stacked): on a
-            GPU that ran a GPT-2-small train step 1.3x faster (H200; XLA fuses across
-            blocks), where partial unrolls gained nothing; on a CPU the loop costs little.
+            and compiles slower). ``unroll=times`` removes the loop (params stay stacked),
+            which lets XLA fuse across blocks; ``benchmarks/RESULTS.md`` has measurements.
 
     Returns:
         A :class:`~fundl.Layer` whose params and state are the layer's, with a leading axis
-        of size ``n`` on every leaf.
+        of size ``times`` on every leaf.
     """
     child = as_layer(layer)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"repeat(layer, n): n must be a positive int, got {n!r}.")
-    label = f"repeat({layer_name(child)}, {n})"
+    if not isinstance(times, int) or isinstance(times, bool) or times < 1:
+        raise ValueError(f"repeat(layer, times): times must be a positive int, got {times!r}.")
+    label = f"repeat({layer_name(child)}, {times})"
 
     def check_carry(x, y):
         xs, ys = _shape_of(x), _shape_of(y)
@@ -435,7 +441,7 @@ def repeat(layer: LayerLike, n: int, *, unroll: int = 1) -> Layer:
             )
 
     def init(key, x, *rest):
-        keys = jax.random.split(key, n)
+        keys = jax.random.split(key, times)
         params, state = _call("repeat", jax.vmap(lambda k: child.init(k, x, *rest)), keys)
         first = jax.tree_util.tree_map(lambda a: a[0], (params, state))
         y, _ = _call("repeat", jax.eval_shape,
@@ -445,13 +451,13 @@ def repeat(layer: LayerLike, n: int, *, unroll: int = 1) -> Layer:
 
     def apply(params, state, x, *rest, key=None, train=False):
         for leaf in jax.tree_util.tree_leaves((params, state)):
-            if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != n:
+            if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != times:
                 raise ValueError(
-                    f"{label}: params and state need a leading axis of size {n} (one entry "
+                    f"{label}: params and state need a leading axis of size {times} (one entry "
                     f"per copy), found a leaf of shape {jnp.shape(leaf)}. Build them with "
                     f"this layer's init."
                 )
-        keys = None if key is None else jax.random.split(key, n)
+        keys = None if key is None else jax.random.split(key, times)
 
         def body(h, xs):
             p, s, k = xs

@@ -7,6 +7,8 @@ explain themselves, the padding modes and the params.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ from jax import lax
 from jax.nn import initializers
 
 from fundl import _windows as win
-from fundl.core import Layer, check_floating, default_float_dtype, named
+from fundl.core import Layer, check_floating, default_float_dtype, named, renamed
 
 __all__ = ["conv", "conv_transpose"]
 
@@ -26,56 +28,62 @@ default_w_init: Initializer = initializers.glorot_uniform()
 
 def _build(
     kind: str,
-    out_features: int,
+    features: int,
     kernel_size: int | Sequence[int],
     strides: int | Sequence[int],
     padding: win.PaddingLike,
     dilation: int | Sequence[int],
     groups: int,
-) -> tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...], object]:
-    """Validates the constructor arguments; returns (name, kernel, strides, dilation, padding)."""
+) -> tuple[str, Callable[[Any], win.Window]]:
+    """Checks the constructor arguments.
+
+    Returns:
+        The layer's name, and ``window_for(x)``: checks an input ``(batch, *spatial,
+        channels)`` and returns the window spelled out for its spatial axes.
+    """
     name = win.describe(
-        f"{kind}({out_features!r}, {kernel_size!r}",
+        f"{kind}({features!r}, {kernel_size!r}",
         strides=None if strides == 1 else strides,
         padding=None if padding == "SAME" else padding,
         dilation=None if dilation == 1 else dilation,
         groups=None if groups == 1 else groups,
     )
-    if not isinstance(out_features, int) or out_features < 1:
-        raise ValueError(f"{name}: out_features must be a positive int, got {out_features!r}.")
-    kernel = win.window_shape(name, "kernel_size", kernel_size)
-    n = len(kernel)
-    strides_ = win.per_axis(name, "strides", strides, n)
-    dilation_ = win.per_axis(name, "dilation", dilation, n)
-    padding_ = win.check_padding(name, padding, n)
+    if not isinstance(features, int) or features < 1:
+        raise ValueError(f"{name}: features must be a positive int, got {features!r}.")
+    rank = win.fixed_rank(kernel_size)  # None: read from each input
+    spell = partial(win.window, name, "kernel_size", kernel_size, strides, dilation, padding)
+    spell(rank)  # what can be checked before the input is known
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"{name}: groups must be a positive int, got {groups!r}.")
-    if out_features % groups:
+    if features % groups:
         raise ValueError(
-            f"{name}: out_features={out_features} is not divisible by groups={groups}; each "
+            f"{name}: features={features} is not divisible by groups={groups}; each "
             f"group needs the same number of output features. Use a multiple of {groups}."
         )
-    return name, kernel, strides_, dilation_, padding_
 
-
-def _check_input(name: str, x, n: int, groups: int) -> None:
-    win.check_rank(name, x, n)
-    check_floating(name, x)
-    channels = x.shape[-1]
-    if channels % groups:
-        raise ValueError(
-            f"{name}: the input has {channels} features (channels), not divisible by "
-            f"groups={groups}. Each group convolves channels / groups of them: use a groups "
-            f"value that divides {channels} (groups={channels} is depthwise)."
+    def window_for(x):
+        n = win.spatial_axes(
+            name, x, rank, "kernel_size", strides=strides, dilation=dilation, padding=padding
         )
+        check_floating(name, x)
+        channels = x.shape[-1]
+        if channels % groups:
+            raise ValueError(
+                f"{name}: the input has {channels} features (channels), not divisible by "
+                f"groups={groups}. Each group convolves channels / groups of them: use a groups "
+                f"value that divides {channels} (groups={channels} is depthwise)."
+            )
+        return spell(n)
+
+    return name, window_for
 
 
-def _init_params(key, x, kernel, groups, out_features, use_bias, w_init, b_init, param_dtype):
+def _init_params(key, x, kernel, groups, features, use_bias, w_init, b_init, param_dtype):
     pdtype = param_dtype or default_float_dtype()
     wkey, bkey = jax.random.split(key)
-    params = {"w": w_init(wkey, (*kernel, x.shape[-1] // groups, out_features), pdtype)}
+    params = {"w": w_init(wkey, (*kernel, x.shape[-1] // groups, features), pdtype)}
     if use_bias:
-        params["b"] = b_init(bkey, (out_features,), pdtype)
+        params["b"] = b_init(bkey, (features,), pdtype)
     return params
 
 
@@ -90,8 +98,23 @@ def _check_params(name: str, params, x, groups: int) -> None:
         )
 
 
+def _crops(w: win.Window, spans: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """The (lo, hi) padding of the conv a ``conv_transpose`` transposes, per axis."""
+    if w.padding == "VALID":
+        return ((0, 0),) * len(spans)
+    if isinstance(w.padding, tuple):
+        return w.padding
+    pads = []
+    for k, s in zip(spans, w.strides, strict=True):
+        total = k - s  # output n * s; negative when the kernel is shorter than the stride
+        lo = 0 if w.padding == "CAUSAL" else max(total, 0) // 2
+        pads.append((lo, total - lo))
+    return tuple(pads)
+
+
+@renamed(out_features="features")
 def conv(
-    out_features: int,
+    features: int,
     kernel_size: int | Sequence[int],
     strides: int | Sequence[int] = 1,
     padding: win.PaddingLike = "SAME",
@@ -107,8 +130,10 @@ def conv(
     r"""A convolution over 1, 2 or 3 spatial axes, channels-last.
 
     Like every deep-learning library, it computes a cross-correlation (no kernel flip). The
-    number of spatial axes is ``len(kernel_size)``; an int ``kernel_size`` means 1-D
-    (as Flax's ``Conv``), so images need ``(3, 3)``, not ``3``. For a 2-D kernel and input
+    number of spatial axes is read from the input ``(batch, *spatial, in_features)`` when
+    ``kernel_size`` is an int, which is then the size on every spatial axis (``conv(8, 3)``
+    on images is 3x3, as Keras's ``Conv2D(8, 3)``); a tuple ``kernel_size`` fixes it to
+    ``len(kernel_size)`` and inputs of another rank are an error. For a 2-D kernel and input
     ``x`` of shape ``(batch, height, width, in_features)``:
 
     .. math::
@@ -119,8 +144,8 @@ def conv(
     with strides :math:`s`, dilation :math:`d`, and ``c`` running over the ``in_features /
     groups`` channels of the group of output ``o``.
 
-    Params: ``{"w": (*kernel_size, in_features // groups, out_features), "b":
-    (out_features,)}`` (no ``"b"`` when ``use_bias=False``).
+    Params: ``{"w": (*kernel, in_features // groups, features), "b": (features,)}``, with
+    ``kernel`` the size per spatial axis (no ``"b"`` when ``use_bias=False``).
 
     Output size along a spatial axis of size ``n`` (``k`` the dilated kernel
     ``d * (size - 1) + 1``, ``s`` the stride): "SAME" ``ceil(n / s)`` (zeros added, the
@@ -132,7 +157,7 @@ def conv(
 
     Example:
         >>> import jax, jax.numpy as jnp, fundl as fl
-        >>> layer = fl.conv(8, (3, 3), strides=2)
+        >>> layer = fl.conv(8, 3, strides=2)  # 3x3 on images
         >>> params, state = layer.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
         >>> jax.tree_util.tree_map(jnp.shape, params)
         {'b': (8,), 'w': (3, 3, 1, 8)}
@@ -140,18 +165,19 @@ def conv(
         (4, 14, 14, 8)
 
     Args:
-        out_features: the number of output channels; a multiple of ``groups``.
-        kernel_size: the window, one int per spatial axis (an int is 1-D).
+        features: the number of output channels; a multiple of ``groups``.
+        kernel_size: the window: an int for that size on every spatial axis of the input, or
+            one int per spatial axis (which fixes the number of spatial axes).
         strides: the step of the window, an int for every axis or one per axis.
         padding: "SAME", "VALID", "CAUSAL" (1-D), an int, or one ``(lo, hi)`` pair per
             spatial axis.
         dilation: the kernel dilation (atrous convolution), an int or one per axis.
         groups: split the input channels into ``groups`` groups convolved separately
             (``groups == in_features`` is a depthwise convolution); must divide
-            ``in_features`` and ``out_features``.
+            ``in_features`` and ``features``.
         use_bias: add the bias ``b``.
         w_init: initializer for ``w`` (default glorot uniform, as Keras; the fan-in is
-            ``prod(kernel_size) * in_features / groups``).
+            ``prod(kernel) * in_features / groups``).
         b_init: initializer for ``b`` (default zeros).
         dtype: the compute dtype; inputs and params are cast to it. ``None`` computes in the
             input's dtype.
@@ -160,52 +186,49 @@ def conv(
 
     Returns:
         A :class:`~fundl.Layer` mapping ``(batch, *spatial, in_features)`` to ``(batch,
-        *out_spatial, out_features)``.
+        *out_spatial, features)``.
     """
-    name, kernel, strides_, dilation_, padding_ = _build(
-        "conv", out_features, kernel_size, strides, padding, dilation, groups
-    )
-    n = len(kernel)
-    spans = win.dilated(kernel, dilation_)
-    dims = win.dimension_numbers(n)
+    name, window_for = _build("conv", features, kernel_size, strides, padding, dilation, groups)
 
-    def pads_for(x):
-        _check_input(name, x, n, groups)
+    def window_and_pads(x):
+        w = window_for(x)
         sizes = tuple(x.shape[1:-1])
-        pads = win.forward_pads(padding_, sizes, spans, strides_)
-        win.check_fits(name, sizes, kernel, dilation_, pads, padding)
-        return pads
+        pads = win.forward_pads(w.padding, sizes, win.dilated(w.shape, w.dilation), w.strides)
+        win.check_fits(name, sizes, w.shape, w.dilation, pads, padding)
+        return w, pads
 
     def init(key, x):
-        pads_for(x)
+        w, _ = window_and_pads(x)
         params = _init_params(
-            key, x, kernel, groups, out_features, use_bias, w_init, b_init, param_dtype
+            key, x, w.shape, groups, features, use_bias, w_init, b_init, param_dtype
         )
         return params, ()
 
     def apply(params, state, x, key=None, train=False):
         del key, train
-        pads = pads_for(x)
+        w, pads = window_and_pads(x)
         _check_params(name, params, x, groups)
         cdtype = dtype or x.dtype
+        n = len(w.shape)
         y = lax.conv_general_dilated(
             x.astype(cdtype),
             params["w"].astype(cdtype),
-            window_strides=strides_,
+            window_strides=w.strides,
             padding=pads,
-            rhs_dilation=dilation_,
-            dimension_numbers=dims,
+            rhs_dilation=w.dilation,
+            dimension_numbers=win.dimension_numbers(n),
             feature_group_count=groups,
         )
         if use_bias:
-            y = y + params["b"].astype(cdtype).reshape((1,) * (n + 1) + (out_features,))
+            y = y + params["b"].astype(cdtype).reshape((1,) * (n + 1) + (features,))
         return y, state
 
     return named(Layer(init, apply), name)
 
 
+@renamed(out_features="features")
 def conv_transpose(
-    out_features: int,
+    features: int,
     kernel_size: int | Sequence[int],
     strides: int | Sequence[int] = 1,
     padding: win.PaddingLike = "SAME",
@@ -234,8 +257,8 @@ def conv_transpose(
     input shape. Implemented as a stride-1 ``lax.conv_general_dilated`` of the input
     dilated by ``strides`` with the spatially flipped kernel.
 
-    Params: ``{"w": (*kernel_size, in_features // groups, out_features), "b":
-    (out_features,)}``.
+    Params: ``{"w": (*kernel, in_features // groups, features), "b": (features,)}``, with
+    ``kernel`` the size per spatial axis.
 
     Output size along a spatial axis of size ``n`` (``k = d * (size - 1) + 1``): "SAME" and
     "CAUSAL" (1-D; output ``t`` sees no input after position ``t // s``) ``n * s``; "VALID"
@@ -244,18 +267,19 @@ def conv_transpose(
 
     Example:
         >>> import jax, jax.numpy as jnp, fundl as fl
-        >>> layer = fl.conv_transpose(3, (4, 4), strides=2)
+        >>> layer = fl.conv_transpose(3, 4, strides=2)  # 4x4 on images
         >>> params, state = layer.init(jax.random.key(0), jnp.zeros((1, 7, 7, 16)))
         >>> layer.apply(params, state, jnp.ones((2, 7, 7, 16)))[0].shape
         (2, 14, 14, 3)
 
     Args:
-        out_features: the number of output channels; a multiple of ``groups``.
-        kernel_size: the window, one int per spatial axis (an int is 1-D).
+        features: the number of output channels; a multiple of ``groups``.
+        kernel_size: the window: an int for that size on every spatial axis of the input, or
+            one int per spatial axis (which fixes the number of spatial axes).
         strides: the upsampling factor, an int for every axis or one per axis.
         padding: "SAME", "VALID", "CAUSAL" (1-D), an int, or one ``(lo, hi)`` pair per axis.
         dilation: the kernel dilation, an int or one per axis.
-        groups: as in :func:`conv`; must divide ``in_features`` and ``out_features``.
+        groups: as in :func:`conv`; must divide ``in_features`` and ``features``.
         use_bias: add the bias ``b``.
         w_init: initializer for ``w`` (default glorot uniform).
         b_init: initializer for ``b`` (default zeros).
@@ -265,67 +289,53 @@ def conv_transpose(
 
     Returns:
         A :class:`~fundl.Layer` mapping ``(batch, *spatial, in_features)`` to ``(batch,
-        *out_spatial, out_features)``.
+        *out_spatial, features)``.
     """
-    name, kernel, strides_, dilation_, padding_ = _build(
-        "conv_transpose", out_features, kernel_size, strides, padding, dilation, groups
+    name, window_for = _build(
+        "conv_transpose", features, kernel_size, strides, padding, dilation, groups
     )
-    n = len(kernel)
-    spans = win.dilated(kernel, dilation_)
-    dims = win.dimension_numbers(n)
 
-    def crops():
-        """The (lo, hi) padding of the conv being transposed, per axis."""
-        if padding_ == "VALID":
-            return ((0, 0),) * n
-        if isinstance(padding_, tuple):
-            return padding_
-        pads = []
-        for k, s in zip(spans, strides_, strict=True):
-            total = k - s  # output n * s; negative when the kernel is shorter than the stride
-            lo = 0 if padding_ == "CAUSAL" else max(total, 0) // 2
-            pads.append((lo, total - lo))
-        return tuple(pads)
-
-    def pads_for(x):
-        _check_input(name, x, n, groups)
-        sizes = tuple(x.shape[1:-1])
-        cropped = crops()
+    def window_and_pads(x):
+        w = window_for(x)
+        spans = win.dilated(w.shape, w.dilation)
+        cropped = _crops(w, spans)
         for axis, (size, k, s, (lo, hi)) in enumerate(
-            zip(sizes, spans, strides_, cropped, strict=True)
+            zip(x.shape[1:-1], spans, w.strides, cropped, strict=True)
         ):
             if (size - 1) * s + k - lo - hi < 1:
                 raise ValueError(
                     f"{name}: padding {padding!r} crops {lo + hi} from spatial axis {axis}, "
                     f"whose full output is only {(size - 1) * s + k} long. Use less padding."
                 )
-        return tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(spans, cropped, strict=True))
+        pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(spans, cropped, strict=True))
+        return w, pads
 
     def init(key, x):
-        pads_for(x)
+        w, _ = window_and_pads(x)
         params = _init_params(
-            key, x, kernel, groups, out_features, use_bias, w_init, b_init, param_dtype
+            key, x, w.shape, groups, features, use_bias, w_init, b_init, param_dtype
         )
         return params, ()
 
     def apply(params, state, x, key=None, train=False):
         del key, train
-        pads = pads_for(x)
+        w, pads = window_and_pads(x)
         _check_params(name, params, x, groups)
         cdtype = dtype or x.dtype
-        w = jnp.flip(params["w"].astype(cdtype), axis=tuple(range(n)))
+        n = len(w.shape)
+        kernel = jnp.flip(params["w"].astype(cdtype), axis=tuple(range(n)))
         y = lax.conv_general_dilated(
             x.astype(cdtype),
-            w,
+            kernel,
             window_strides=(1,) * n,
             padding=pads,
-            lhs_dilation=strides_,
-            rhs_dilation=dilation_,
-            dimension_numbers=dims,
+            lhs_dilation=w.strides,
+            rhs_dilation=w.dilation,
+            dimension_numbers=win.dimension_numbers(n),
             feature_group_count=groups,
         )
         if use_bias:
-            y = y + params["b"].astype(cdtype).reshape((1,) * (n + 1) + (out_features,))
+            y = y + params["b"].astype(cdtype).reshape((1,) * (n + 1) + (features,))
         return y, state
 
     return named(Layer(init, apply), name)

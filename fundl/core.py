@@ -6,9 +6,10 @@ compose them, the training loop and the testing kit) is written against this one
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ __all__ = [
     "default_float_dtype",
     "check_floating",
     "with_path",
+    "renamed",
 ]
 
 Params = Any
@@ -230,7 +232,9 @@ def with_path(err: Exception, segment: str) -> Exception:
 
     Combinators call this when a child raises ``ValueError`` or ``TypeError`` so that the
     message names the layer's position in the model, e.g. ``serial[2] dense(64): ...``.
-    The exception keeps its type and traceback.
+    The exception keeps its type and traceback. ``err`` is edited in place, as
+    ``BaseException.add_note`` does: it is an exception in flight, owned by the ``except``
+    clause that re-raises it, and rebuilding it would lose its type's constructor arguments.
 
     Args:
         err: the exception a child layer raised.
@@ -252,13 +256,56 @@ def with_path(err: Exception, segment: str) -> Exception:
     return err
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def renamed(**new_names: str) -> Callable[[F], F]:
+    """Makes a function reject keywords that were renamed, with a ``TypeError`` naming the new one.
+
+    The API is unreleased, so a renamed argument has no alias (``CHANGELOG.md`` lists the
+    renames); this turns Python's "unexpected keyword argument" into a message with the fix.
+    Only the old names listed are checked: any other unknown keyword fails as usual.
+
+    Example:
+        >>> from fundl.core import renamed
+        >>> @renamed(n="times")
+        ... def copies(x, times):
+        ...     return [x] * times
+        >>> copies(1, n=2)
+        Traceback (most recent call last):
+        ...
+        TypeError: copies() got the keyword n=, renamed to times= in fundl 0.2.
+
+    Args:
+        **new_names: ``old="new"``, one per renamed keyword.
+
+    Returns:
+        A decorator; the function it returns has the wrapped function's name and signature.
+    """
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            stale = sorted(kwargs.keys() & new_names.keys())
+            if stale:
+                raise TypeError(
+                    f"{fn.__name__}() got the keyword {stale[0]}=, renamed to "
+                    f"{new_names[stale[0]]}= in fundl 0.2."
+                )
+            return fn(*args, **kwargs)
+
+        return checked  # type: ignore[return-value]
+
+    return decorate
+
+
 def flat_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x @ w`` for ``x`` of shape ``(..., in)`` and ``w`` ``(in, out)``, as one 2-D matmul.
 
     The leading axes are flattened into one (a free reshape) before the product and restored
     after. Same numbers as ``jnp.matmul``; on CPU, XLA runs the 2-D form of the weight's
-    gradient, a contraction over every leading axis, markedly faster (measured, train steps
-    of ``(8, 128, 256) @ (256, 1024)``: 0.65x the time of the 3-D form).
+    gradient, a contraction over every leading axis, faster than the batched form (see
+    ``benchmarks/RESULTS.md``).
     """
     if x.ndim <= 2:
         return jnp.matmul(x, w)

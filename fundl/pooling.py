@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,16 @@ from fundl import _windows as win
 from fundl.core import Layer, check_floating, named
 
 __all__ = ["max_pool", "avg_pool", "global_avg_pool", "global_max_pool"]
+
+
+def _check_pool_padding(name: str, padding: win.PaddingLike, w: win.Window) -> None:
+    if isinstance(w.padding, tuple) and any(
+        max(p) >= size for p, size in zip(w.padding, w.shape, strict=True)
+    ):
+        raise ValueError(
+            f"{name}: explicit padding {padding!r} must be smaller than the window {w.shape} "
+            f"on every axis, or some windows would cover only padding."
+        )
 
 
 def _pool(
@@ -30,35 +41,29 @@ def _pool(
         strides=strides,
         padding=None if padding == "VALID" else padding,
     )
-    shape = win.window_shape(name, "window", window)
-    n = len(shape)
-    strides_ = shape if strides is None else win.per_axis(name, "strides", strides, n)
-    padding_ = win.check_padding(name, padding, n)
-    if isinstance(padding_, tuple) and any(
-        max(p) >= w for p, w in zip(padding_, shape, strict=True)
-    ):
-        raise ValueError(
-            f"{name}: explicit padding {padding!r} must be smaller than the window {shape} on "
-            f"every axis, or some windows would cover only padding."
-        )
+    rank = win.fixed_rank(window)  # None: read from each input
+    spell = partial(win.window, name, "window", window, strides, 1, padding)
+    _check_pool_padding(name, padding, spell(rank))  # what can be checked before the input
 
-    def pads_for(x):
-        win.check_rank(name, x, n, what="window")
+    def window_and_pads(x):
+        n = win.spatial_axes(name, x, rank, "window", strides=strides, padding=padding)
         check_floating(name, x)
+        w = spell(n)
+        _check_pool_padding(name, padding, w)
         sizes = tuple(x.shape[1:-1])
-        pads = win.forward_pads(padding_, sizes, shape, strides_)
-        win.check_fits(name, sizes, shape, (1,) * n, pads, padding, what="window")
-        return pads
+        pads = win.forward_pads(w.padding, sizes, w.shape, w.strides)
+        win.check_fits(name, sizes, w.shape, w.dilation, pads, padding, what="window")
+        return w, pads
 
     def init(key, x):
         del key
-        pads_for(x)
+        window_and_pads(x)
         return (), ()
 
     def apply(params, state, x, key=None, train=False):
         del params, key, train
-        pads = pads_for(x)
-        return reduce(x, (1, *shape, 1), (1, *strides_, 1), ((0, 0), *pads, (0, 0))), state
+        w, pads = window_and_pads(x)
+        return reduce(x, (1, *w.shape, 1), (1, *w.strides, 1), ((0, 0), *pads, (0, 0))), state
 
     return named(Layer(init, apply), name)
 
@@ -84,8 +89,9 @@ def max_pool(
                [13., 15.]], dtype=float32)
 
     Args:
-        window: the window, one int per spatial axis (an int is 1-D: use ``(2, 2)`` for
-            images).
+        window: the window: an int for that size on every spatial axis of the input
+            (``2`` on images is 2x2), or one int per spatial axis (which fixes the number of
+            spatial axes).
         strides: the step, an int or one per axis; ``None`` (default) steps by the window,
             so windows do not overlap (as Keras and PyTorch).
         padding: "VALID" (default), "SAME", "CAUSAL" (1-D) or ``(lo, hi)`` pairs; output sizes
@@ -119,7 +125,7 @@ def avg_pool(
 
     Example:
         >>> import jax.numpy as jnp, fundl as fl
-        >>> pool = fl.avg_pool((2, 2))
+        >>> pool = fl.avg_pool(2)  # 2x2 on images
         >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
         >>> y, _ = pool.apply((), (), x)
         >>> y[0, :, :, 0]
@@ -127,7 +133,8 @@ def avg_pool(
                [10.5, 12.5]], dtype=float32)
 
     Args:
-        window: the window, one int per spatial axis (an int is 1-D).
+        window: the window: an int for that size on every spatial axis of the input, or one
+            int per spatial axis (which fixes the number of spatial axes).
         strides: the step, an int or one per axis; ``None`` (default) steps by the window.
         padding: "VALID" (default), "SAME", "CAUSAL" (1-D) or ``(lo, hi)`` pairs.
 

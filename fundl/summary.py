@@ -34,22 +34,22 @@ def _flops(layer: Layer, params: Any, state: Any, inputs: tuple[Any, ...]) -> fl
     return None if not cost or "flops" not in cost else float(cost["flops"])
 
 
-def _rows(layer: Layer, params, state, inputs, label: str, depth: int, rows: list) -> Any:
-    """Appends rows for ``layer`` (expanding ``serial``) and returns its output shapes."""
-    if layer_name(layer) == "serial":
-        rows.append((depth, label or "serial", "", _count(params), None))
-        for i, (segment, child) in enumerate(layer.children):
-            sub = segment.removeprefix("serial")  # "[2]" or "[head]"
-            # keyword children are looked up by name: eval_shape returns dicts key-sorted
-            index = sub[1:-1] if isinstance(params, dict) else i
-            p, s = params[index], state[index]
-            out = _rows(child, p, s, inputs, f"{sub} {layer_name(child)}", depth + 1, rows)
-            inputs = (out,)
-        return inputs[0]
-    out, _ = jax.eval_shape(layer.apply, params, state, *inputs)
-    flops = _flops(layer, params, state, inputs)
-    rows.append((depth, label or layer_name(layer), _shapes(out), _count(params), flops))
-    return out
+def _rows(layer: Layer, params, state, inputs, label: str, depth: int) -> tuple[list, Any]:
+    """The rows for ``layer`` (expanding ``serial``) and its output shapes."""
+    if layer_name(layer) != "serial":
+        out, _ = jax.eval_shape(layer.apply, params, state, *inputs)
+        flops = _flops(layer, params, state, inputs)
+        return [(depth, label or layer_name(layer), _shapes(out), _count(params), flops)], out
+    rows = [(depth, label or "serial", "", _count(params), None)]
+    for i, (segment, child) in enumerate(layer.children):
+        sub = segment.removeprefix("serial")  # "[2]" or "[head]"
+        # keyword children are looked up by name: eval_shape returns dicts key-sorted
+        index = sub[1:-1] if isinstance(params, dict) else i
+        p, s = params[index], state[index]
+        child_rows, out = _rows(child, p, s, inputs, f"{sub} {layer_name(child)}", depth + 1)
+        rows += child_rows
+        inputs = (out,)
+    return rows, inputs[0]
 
 
 def _fmt_flops(flops: float | None) -> str:
@@ -96,8 +96,7 @@ def summary(
     key = jax.random.key(0) if key is None else key
     specs = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), inputs)
     params, state = jax.eval_shape(model.init, key, *specs)
-    rows: list = []
-    _rows(model, params, state, specs, "", 0, rows)
+    rows, _ = _rows(model, params, state, specs, "", 0)
     total_flops = _flops(model, params, state, specs)
     header = ("Layer", "Output shape", "Params", "FLOPs")
     table = [("  " * d + name, shape, f"{n:,}", _fmt_flops(f)) for d, name, shape, n, f in rows]
