@@ -471,7 +471,7 @@ def test_cell_layer_and_rnn_meta():
 @pytest.mark.parametrize("make", [fl.lstm_cell, fl.gru_cell, fl.simple_rnn_cell])
 def test_old_hidden_keyword_names_features(make):
     name = make.__name__
-    msg = f"{name}: the keyword hidden= is now features=, e.g. {name}(features=8)."
+    msg = f"{name}() got the keyword hidden=, renamed to features= in fundl 0.2."
     with pytest.raises(TypeError, match=re.escape(msg)):
         make(hidden=8)
     assert make(features=8).name.startswith(f"{name}(8")

@@ -13,7 +13,6 @@ Gate layouts follow cuDNN and PyTorch, so that weights carry over (see
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -30,6 +29,7 @@ from fundl.core import (
     flat_matmul,
     layer_name,
     named,
+    renamed,
 )
 
 __all__ = ["Cell", "simple_rnn_cell", "lstm_cell", "gru_cell", "make_cell", "initial_carry"]
@@ -132,25 +132,6 @@ class Cell(NamedTuple):
 
     def __repr__(self) -> str:
         return f"Cell({self.name})"
-
-
-def _renamed(**old_to_new: str) -> Callable:
-    """Makes a function reject each old keyword with a ``TypeError`` naming the new one."""
-
-    def wrap(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def checked(*args: Any, **kwargs: Any) -> Any:
-            for old, new in old_to_new.items():
-                if old in kwargs:
-                    raise TypeError(
-                        f"{fn.__name__}: the keyword {old}= is now {new}=, e.g. "
-                        f"{fn.__name__}({new}={kwargs[old]!r})."
-                    )
-            return fn(*args, **kwargs)
-
-        return checked
-
-    return wrap
 
 
 def _bias(b: jax.Array, ndim: int) -> jax.Array:
@@ -258,7 +239,7 @@ def _dense_project(params: dict, x: jax.Array, cdtype: Any, bias: str) -> jax.Ar
     return y + _bias(params[bias].astype(cdtype), y.ndim)
 
 
-@_renamed(hidden="features")
+@renamed(hidden="features")
 def simple_rnn_cell(
     features: int,
     *,
@@ -326,7 +307,7 @@ def simple_rnn_cell(
     return _builtin_cell(name, features, ("h",), make_params, parts, dtype, param_dtype)
 
 
-@_renamed(hidden="features")
+@renamed(hidden="features")
 def lstm_cell(
     features: int,
     *,
@@ -408,7 +389,7 @@ def lstm_cell(
     return _builtin_cell(name, features, ("h", "c"), make_params, parts, dtype, param_dtype)
 
 
-@_renamed(hidden="features")
+@renamed(hidden="features")
 def gru_cell(
     features: int,
     *,
