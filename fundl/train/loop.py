@@ -160,47 +160,38 @@ def fit(
     place = placement(mesh, data_axis, shard_params, batch_size, ts)
     policy = _policy(model, loss, ts, source.example, place, check_data)
     source.validate(policy)
-    evals = None if eval_data is None else eval_batches(eval_data, eval_batch_size, place.shards)
-    eval_policy = policy._replace(own_size=lambda size: False, per_example=True)
-    if evals is not None:
-        evals.validate(eval_policy)
+    names = metric_names(metrics)
+    evaluate_epoch = _evaluator(model, loss, metrics, names, eval_data, eval_batch_size, place,
+                                policy)  # fmt: skip
     run = open_run(checkpoint_dir, keep=keep_checkpoints, every=checkpoint_every,
                    shuffle_seed=shuffle_seed)  # fmt: skip
     begin = start(run, place.put_state(ts), place, epochs, resume)
     if begin.done:  # nothing left to do (or a callback stopped it)
         return begin.train_state, begin.history
 
-    names = metric_names(metrics)
     run_key, ts = begin.train_state.key, begin.train_state._replace(key=None)  # ts: the carry
     core = train_core(model, loss, optimizer, metrics, on_nonfinite, loss_scale)
     steps = block_steps(core, source.take, names, policy.per_example, place, run_key)
-    eval_step = eval_block_step(eval_core(model, loss, metrics), evals.take, names, place) if (
-        evals is not None) else None  # fmt: skip
-    feeds = place.put(source.feed), None if evals is None else place.put(evals.feed)
-    history = list(begin.history)
+    feed, history = place.put(source.feed), list(begin.history)
     bar = progress_bar(progress, (epochs - begin.epoch + 1) * (source.steps or 0))
     epoch, stop, gstep = begin.epoch - 1, None, int(ts.step)  # gstep: the global step
     try:
         for epoch in range(begin.epoch, epochs + 1):
-            first = epoch == begin.epoch
-            acc = place.put(zero_sums(names, begin.sums if first else None))
-            blocks = source.blocks(epoch, begin.position if first else 0, steps_per_call, policy)
+            resumed = epoch == begin.epoch
+            acc = place.put(zero_sums(names, begin.sums if resumed else None))
+            blocks = source.blocks(epoch, begin.position if resumed else 0, steps_per_call, policy)
             for block in blocks:
-                ts, acc = (steps.many if block.steps > 1 else steps.one)(
-                    (ts, acc), feeds[0], block.rows
-                )
+                step = steps.many if block.steps > 1 else steps.one
+                ts, acc = step((ts, acc), feed, block.rows)
+                gstep, before = gstep + block.steps, gstep
                 if bar is not None:
                     bar.update(block.steps)
-                gstep, before = gstep + block.steps, gstep
                 if run.due(before, gstep):
                     check_nonfinite(ts._replace(key=run_key), epoch)
-                    run.save(ts._replace(key=run_key), epoch, block.position,
-                             np.asarray(acc).tolist(), history)  # fmt: skip
+                    sums = np.asarray(acc).tolist()
+                    run.save(ts._replace(key=run_key), epoch, block.position, sums, history)
             check_nonfinite(ts._replace(key=run_key), epoch)
-            entry = {"epoch": epoch, **_epoch_logs(acc, names)}
-            if eval_step is not None:
-                val = run_eval(eval_step, evals, feeds[1], ts, names, eval_policy, place)
-                entry.update({"val_" + k: v for k, v in val.items()})
+            entry = {"epoch": epoch, **_epoch_logs(acc, names), **evaluate_epoch(ts)}
             history.append(entry)
             if bar is not None:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k != "epoch"})
@@ -248,6 +239,24 @@ def _policy(model, loss, ts, example, place: Placement, check_data: bool) -> Pol
         per_example=loss_is_per_example(loss, out_spec, example[1]),
         put=place.put_batch,
     )
+
+
+def _evaluator(model, loss, metrics, names, eval_data, batch_size, place, policy):
+    """``evaluate_epoch(ts) -> {"val_loss": ..., "val_<metric>": ...}`` on ``eval_data``
+    (``{}`` without it): its data checked now and put on the devices once."""
+    if eval_data is None:
+        return lambda ts: {}
+    source = eval_batches(eval_data, batch_size, place.shards)
+    eval_policy = policy._replace(own_size=lambda size: False, per_example=True)
+    source.validate(eval_policy)
+    step = eval_block_step(eval_core(model, loss, metrics), source.take, names, place)
+    feed = place.put(source.feed)
+
+    def evaluate_epoch(ts):
+        logs = run_eval(step, source, feed, ts, names, eval_policy, place)
+        return {"val_" + k: v for k, v in logs.items()}
+
+    return evaluate_epoch
 
 
 def _epoch_logs(acc: jax.Array, names: list[str]) -> dict[str, float]:
