@@ -28,7 +28,8 @@ def freeze(
         >>> opt = fl.freeze(optax.sgd(0.1), {"body": True, "head": False})
         >>> state = opt.init(params)
         >>> updates, _ = opt.update(jax.tree_util.tree_map(jnp.ones_like, params), state, params)
-        >>> float(jnp.abs(updates["body"]["w"]).max()), bool(jnp.all(updates["head"]["w"] != 0))
+        >>> body, head = updates["body"], updates["head"]
+        >>> float(jnp.abs(body["w"]).max()), bool(jnp.all(head["w"] != 0))
         (0.0, True)
 
     Args:
@@ -36,6 +37,8 @@ def freeze(
         frozen: a pytree of booleans with the params' structure, or a prefix of it (e.g.
             ``{"body": True, "head": False}``: ``True`` freezes), or a function
             ``params -> such a tree``.
+        **renamed: old keywords, only to name their replacement: ``trainable=`` raises a
+            ``TypeError`` naming ``frozen=``.
 
     Returns:
         An optax ``GradientTransformation``.
@@ -81,8 +84,10 @@ def graft(params: Any, pretrained: Any, at: Sequence[Any] = ()) -> Any:
         >>> new = fl.serial(body=fl.dense(4), head=fl.dense(5))
         >>> p_old, _ = old.init(jax.random.key(0), jnp.zeros((1, 2)))
         >>> p_new, _ = new.init(jax.random.key(1), jnp.zeros((1, 2)))
-        >>> params = fl.graft(p_new, p_old["body"], at=("body",))
-        >>> bool(jnp.all(params["body"]["w"] == p_old["body"]["w"])), params["head"]["w"].shape
+        >>> old_body = p_old["body"]
+        >>> params = fl.graft(p_new, old_body, at=("body",))
+        >>> body, head = params["body"], params["head"]
+        >>> bool(jnp.all(body["w"] == old_body["w"])), head["w"].shape
         (True, (4, 5))
 
     Args:
