@@ -265,6 +265,10 @@ def test_fit_scalar_loss_needs_drop_remainder():
 
     with pytest.raises(ValueError, match="fit: the loss returns a scalar, so the last partial"):
         fl.fit(_model(), mean_loss, optax.sgd(0.1), (x, y), epochs=1, progress=False)
+    batches = [(x[:32], y[:32]), (x[32:], y[32:])]
+    with pytest.raises(ValueError, match=r"fit: batch 1 of epoch 1 is smaller than the first "
+                       r"\(18 < 32\) and the loss returns a scalar"):  # fmt: skip
+        fl.fit(_model(), mean_loss, optax.sgd(0.1), batches, epochs=1, progress=False)
     ts, _ = fl.fit(
         _model(),
         mean_loss,

@@ -125,14 +125,6 @@ def _check_labels(outputs_spec: Any, targets: Any, what: str, where: str) -> Non
         )
 
 
-def _scalar_loss_error(what: str, size: int, full: int) -> ValueError:
-    return ValueError(
-        f"fit: {what} is a partial batch ({size} examples where the others have {full}) and "
-        f"the loss returns a scalar, so it cannot be padded and masked. Return per-example "
-        f"losses (e.g. optax's losses without .mean()) or pass drop_remainder=True."
-    )
-
-
 # --------------------------------------------------------------------------------------
 # In-memory data
 
@@ -197,35 +189,31 @@ class InMemory(NamedTuple):
 
     def plan(self, epoch: int) -> np.ndarray:
         """The epoch's example indices, ``(steps, batch_size)`` int32, ``-1`` for padding."""
-        n = n_examples(self.inputs)
-        # NumPy's generator seeded by the shuffle key's data and the epoch: no device work.
-        order = (
-            np.random.default_rng([*self.seed, epoch]).permutation(n)
-            if self.shuffle
-            else (np.arange(n))
-        )
-        idx = np.full((self.steps * self.batch_size,), -1, np.int32)
-        take = min(n, self.steps * self.batch_size)
-        idx[:take] = order[:take]
+        n, size = n_examples(self.inputs), self.steps * self.batch_size
+        order = np.arange(n)
+        if self.shuffle:  # NumPy's generator seeded by the key's data and the epoch
+            order = np.random.default_rng([*self.seed, epoch]).permutation(n)
+        idx = np.full((size,), -1, np.int32)
+        idx[: min(n, size)] = order[: min(n, size)]
         return idx.reshape(self.steps, self.batch_size)
 
     def blocks(self, epoch: int, start: int, k: int, policy: Policy) -> Iterator[Block]:
         """Blocks of ``k`` steps from position ``start``; single steps where ``k`` does not
         fit, and the partial batch at its own size where the policy says so."""
-        idx, steps = self.plan(epoch), self.steps
-        own_tail = bool(self.tail()) and policy.own_size(self.tail())
-        blocks_end = steps - 1 if own_tail else steps
+        idx, steps, tail = self.plan(epoch), self.steps, self.tail()
+        own_tail = bool(tail) and policy.own_size(tail)
+        blocks_end = steps - 1 if own_tail else steps  # an own-size tail runs alone
         pos = start
         while pos < steps:
-            if pos + k <= blocks_end and k > 1:
-                rows, pos = idx[pos : pos + k], pos + k
-                yield Block(rows, k, pos)
-                continue
-            rows = idx[pos]
-            if own_tail and pos == steps - 1:
-                rows = rows[rows >= 0]  # the partial batch, at its own size
-            pos += 1
-            yield Block(rows, 1, pos)
+            if k > 1 and pos + k <= blocks_end:
+                yield Block(idx[pos : pos + k], k, pos + k)
+                pos += k
+            elif own_tail and pos == steps - 1:
+                yield Block(idx[pos][:tail], 1, pos + 1)  # the partial batch, at its own size
+                pos += 1
+            else:
+                yield Block(idx[pos], 1, pos + 1)
+                pos += 1
 
 
 # --------------------------------------------------------------------------------------
@@ -289,7 +277,11 @@ class Iterable(NamedTuple):
                 policy.check(inputs, targets, self.what, where)
             own = size < full and policy.own_size(size)
             if size < full and not policy.per_example and not own:
-                raise _scalar_loss_error(f"{self.what}{where}", size, full)
+                raise ValueError(
+                    f"{prefix}batch {i} of epoch {epoch} is smaller than the first ({size} < "
+                    f"{full}) and the loss returns a scalar, so it cannot be padded and masked. "
+                    f"Return per-example losses."
+                )
             yield Block(policy.put(pad_batch((inputs, targets), size if own else full)), 1, i + 1)
         if not seen:
             raise ValueError(
