@@ -3,7 +3,7 @@
 1. Pretrain ``serial(body=..., head=...)`` on the digits 0-4 (body: flatten, dense 128,
    relu; head: dense 64, relu, dense 5).
 2. Build a new model with the same body and a fresh head, load the pretrained body into it
-   (``fl.load_params``) and train only the head (``fl.freeze`` over the param tree, built on
+   (``fl.graft``) and train only the head (``fl.freeze`` over the param tree, built on
    ``optax.multi_transform``) on the digits 5-9, relabelled 0-4.
 3. Compare with the same head trained on a random, frozen body: the pretrained features
    transfer.
@@ -48,14 +48,14 @@ def main(epochs: int = 10, seed: int = 0) -> dict[str, float]:
     # 2. new head on 5-9, body loaded and frozen
     high = [5, 6, 7, 8, 9]
     x_high, _ = subset(train, high)
-    only_head = fl.freeze(optax.adam(1e-3), {"body": False, "head": True})
+    only_head = fl.freeze(optax.adam(1e-3), {"body": True, "head": False})
     results = {}
     for name, body in [("pretrained body", pretrained.params["body"]), ("random body", None)]:
         model = make_model()
         key = jax.random.key(seed + 1)
         params, _ = model.init(key, x_high[:1])
         if body is not None:
-            params = fl.load_params(params, body, at=("body",))
+            params = fl.graft(params, body, at=("body",))
         start = fl.init_train_state(model, only_head, key, x_high[:1], params=params)
         ts, history = fl.fit(
             model, loss, only_head, subset(train, high), epochs=epochs, seed=seed,

@@ -64,13 +64,13 @@ from fundl.train import (
     StopTraining,
     TrainState,
     early_stopping,
-    eval_step,
     evaluate,
     fit,
     freeze,
+    graft,
     init_train_state,
-    load_params,
-    train_step,
+    make_eval_step,
+    make_train_step,
 )
 from fundl.transformer import attention_residual, decoder_block, encoder_block
 
@@ -150,15 +150,15 @@ __all__ = [
     # training
     "TrainState",
     "init_train_state",
-    "train_step",
-    "eval_step",
+    "make_train_step",
+    "make_eval_step",
     "evaluate",
     "fit",
     "early_stopping",
     "StopTraining",
     "NonFiniteLossError",
     "freeze",
-    "load_params",
+    "graft",
     # metrics and tools
     "accuracy",
     "masked_mean",

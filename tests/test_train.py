@@ -61,10 +61,10 @@ def _assert_bitwise(a, b):
         np.testing.assert_array_equal(u, v)
 
 
-# ---- train_step / eval_step
+# ---- make_train_step / make_eval_step
 
 
-def test_train_step_matches_hand_written_step_and_does_not_recompile():
+def test_make_train_step_matches_hand_written_step_and_does_not_recompile():
     x, y = _data(8)
     model, opt = _model(), optax.sgd(0.1)
     ts = fl.init_train_state(model, opt, jax.random.key(1), x)
@@ -80,7 +80,7 @@ def test_train_step_matches_hand_written_step_and_does_not_recompile():
     ref_value, grads = jax.value_and_grad(ref_loss)(jax.tree_util.tree_map(jnp.asarray, params0))
     expected = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params0, grads)
 
-    step = fl.train_step(model, xent, opt, {"accuracy": fl.accuracy})
+    step = fl.make_train_step(model, xent, opt, {"accuracy": fl.accuracy})
     ts, logs = step(ts, (x, y))
     fl.testing.assert_trees_close(ts.params, expected, atol=1e-6, rtol=1e-6, what="params")
     np.testing.assert_allclose(float(logs["loss"]), float(ref_value), rtol=1e-6)
@@ -91,11 +91,11 @@ def test_train_step_matches_hand_written_step_and_does_not_recompile():
     assert len(compiles) == 0
 
 
-def test_train_step_mask_equals_training_on_valid_examples_only():
+def test_make_train_step_mask_equals_training_on_valid_examples_only():
     x, y = _data(8)
     model, opt = _model(), optax.adam(1e-2)
     ts = fl.init_train_state(model, opt, jax.random.key(0), x)
-    step = fl.train_step(model, xent, opt, {"accuracy": fl.accuracy})
+    step = fl.make_train_step(model, xent, opt, {"accuracy": fl.accuracy})
     padded = x.copy()
     padded[5:] = 1e3  # garbage in the masked rows must not matter
     mask = np.arange(8) < 5
@@ -116,7 +116,7 @@ def test_dropout_keys_come_from_fold_in_of_the_step():
     opt = optax.sgd(0.0)  # params fixed: the loss only reflects the noise
     ts = fl.init_train_state(model, opt, jax.random.key(3), x)
     params, state, key = jax.tree_util.tree_map(jnp.copy, (ts.params, ts.state, ts.key))
-    step = fl.train_step(model, xent, opt)
+    step = fl.make_train_step(model, xent, opt)
     losses = []
     for _ in range(3):
         ts, logs = step(ts, (x, y))
@@ -132,11 +132,11 @@ def test_dropout_keys_come_from_fold_in_of_the_step():
     _assert_bitwise(run1.params, run2.params)
 
 
-def test_eval_step_runs_without_key_and_matches_numpy_accuracy():
+def test_make_eval_step_runs_without_key_and_matches_numpy_accuracy():
     x, y = _data(20)
     model, opt = fl.serial(_noise(), _model()), optax.sgd(0.1)
     ts = fl.init_train_state(model, opt, jax.random.key(0), x)
-    logs = fl.eval_step(model, xent, {"accuracy": fl.accuracy})(ts, (x, y))
+    logs = fl.make_eval_step(model, xent, {"accuracy": fl.accuracy})(ts, (x, y))
     logits, _ = model.apply(ts.params, ts.state, x)
     expected = np.mean(np.argmax(np.asarray(logits), axis=1) == y)
     np.testing.assert_allclose(float(logs["accuracy"]), expected)
@@ -144,12 +144,12 @@ def test_eval_step_runs_without_key_and_matches_numpy_accuracy():
     np.testing.assert_allclose(result["acc"], expected, rtol=1e-6)
 
 
-def test_train_step_rejects_a_bare_array_batch():
+def test_make_train_step_rejects_a_bare_array_batch():
     x, _ = _data(4)
     model, opt = _model(), optax.sgd(0.1)
     ts = fl.init_train_state(model, opt, jax.random.key(0), x)
     with pytest.raises(TypeError, match=r"train_step: a batch is a tuple \(inputs, targets\)"):
-        fl.train_step(model, xent, opt)(ts, x)
+        fl.make_train_step(model, xent, opt)(ts, x)
 
 
 # ---- fit
@@ -174,7 +174,7 @@ def test_fit_epoch_loss_is_the_example_weighted_mean_of_step_losses():
     ts_fit, history = _fit(data=(x, y), epochs=1, shuffle=False)
     model, opt = _model(), optax.adam(1e-2)
     ts = fl.init_train_state(model, opt, jax.random.split(jax.random.key(0))[0], x[:8])
-    step = fl.train_step(model, xent, opt)
+    step = fl.make_train_step(model, xent, opt)
     total = 0.0
     for start in range(0, 50, 8):
         ts, logs = step(ts, (x[start : start + 8], y[start : start + 8]))
@@ -265,6 +265,10 @@ def test_fit_scalar_loss_needs_drop_remainder():
 
     with pytest.raises(ValueError, match="fit: the loss returns a scalar, so the last partial"):
         fl.fit(_model(), mean_loss, optax.sgd(0.1), (x, y), epochs=1, progress=False)
+    batches = [(x[:32], y[:32]), (x[32:], y[32:])]
+    with pytest.raises(ValueError, match=r"fit: batch 1 of epoch 1 is smaller than the first "
+                       r"\(18 < 32\) and the loss returns a scalar"):  # fmt: skip
+        fl.fit(_model(), mean_loss, optax.sgd(0.1), batches, epochs=1, progress=False)
     ts, _ = fl.fit(
         _model(),
         mean_loss,
@@ -328,6 +332,39 @@ def test_callbacks_get_epoch_logs_and_state_and_can_stop():
     assert len(history) == 2
 
 
+def test_raising_stop_training_ends_fit_as_returning_it_does():
+    def stopper(raise_it):
+        def callback(epoch, logs, ts):
+            if epoch == 2:
+                # end with epoch 2's params shifted by one, so the given state shows
+                stop = fl.StopTraining(
+                    ts._replace(params=jax.tree_util.tree_map(lambda p: p + 1.0, ts.params))
+                )
+                if raise_it:
+                    raise stop
+                return stop
+            return None
+
+        return callback
+
+    seen = []
+    returned, h_returned = _fit(epochs=5, callbacks=[stopper(False), lambda e, *_: seen.append(e)])
+    raised, h_raised = _fit(epochs=5, callbacks=[stopper(True), lambda e, *_: seen.append(e)])
+    assert len(h_returned) == 2
+    assert h_raised == h_returned
+    _assert_bitwise((raised.params, raised.opt_state, raised.step),
+                    (returned.params, returned.opt_state, returned.step))  # fmt: skip
+    assert seen == [1, 2, 1, 2]  # the epoch's other callbacks still run after a raise
+    plain, _ = _fit(epochs=2)
+    _assert_bitwise(returned.params, jax.tree_util.tree_map(lambda p: p + 1.0, plain.params))
+
+
+def test_steps_are_named_for_what_they_are():
+    model, opt = _model(), optax.sgd(0.1)
+    assert fl.make_train_step(model, xent, opt).__name__ == "train_step"
+    assert fl.make_eval_step(model, xent).__name__ == "eval_step"
+
+
 def test_early_stopping_unit():
     stop = fl.early_stopping("val_loss", patience=2)
     ts = fl.init_train_state(_model(), optax.sgd(0.1), jax.random.key(0), np.zeros((1, 4)))
@@ -362,15 +399,46 @@ def test_progress_bar_on_request_and_off_when_not_a_terminal(capsys):
 # ---- freezing, transfer, precision
 
 
-def test_freeze_trains_only_the_unmasked_params():
+def test_freeze_keeps_the_marked_params_and_trains_the_rest():
     model = fl.serial(body=fl.dense(8), act=jax.nn.relu, head=fl.dense(3))
     x, y = _data(50)
     ts0 = fl.init_train_state(model, optax.sgd(0.1), jax.random.key(0), x[:1])
-    opt = fl.freeze(optax.adam(1e-2), {"body": False, "act": False, "head": True})
+    opt = fl.freeze(optax.adam(1e-2), {"body": True, "act": True, "head": False})
     start = fl.init_train_state(model, opt, jax.random.key(0), x[:1])
     ts, _ = fl.fit(model, xent, opt, (x, y), epochs=1, train_state=start, progress=False)
     _assert_bitwise(ts.params["body"], ts0.params["body"])
     assert not np.array_equal(ts.params["head"]["w"], ts0.params["head"]["w"])
+
+
+def test_freeze_mask_marks_the_frozen_params_and_the_old_keyword_names_the_new_one():
+    params = {"body": {"w": jnp.ones((2, 2))}, "head": {"w": jnp.ones((2,))}}
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    for mask in ({"body": True, "head": False}, lambda p: {"body": True, "head": False}):
+        opt = fl.freeze(optax.sgd(0.5), mask)
+        updates, _ = opt.update(grads, opt.init(params), params)
+        np.testing.assert_array_equal(updates["body"]["w"], np.zeros((2, 2)))
+        np.testing.assert_array_equal(updates["head"]["w"], np.full((2,), -0.5))
+    with pytest.raises(TypeError) as err:
+        fl.freeze(optax.sgd(0.5), trainable={"body": False, "head": True})
+    assert str(err.value) == (
+        "freeze: got the keyword(s) ['trainable']; the mask is now frozen=, and True marks the "
+        "params to freeze (the old trainable= marked the params to train): "
+        "fl.freeze(optimizer, frozen={'body': True, 'head': False})."
+    )
+    wrong = fl.freeze(optax.sgd(0.5), {"neck": True})
+    with pytest.raises(ValueError, match=r"freeze: the frozen mask does not match the params"):
+        wrong.init(params)
+
+
+def test_graft_into_a_tuple_position_leaves_the_rest_and_the_input_unchanged():
+    params = ({"w": jnp.zeros((2,))}, {"w": jnp.zeros((3,))})
+    grafted = fl.graft(params, {"w": np.arange(3.0, dtype=np.float32)}, at=(1,))
+    assert isinstance(grafted, tuple)
+    np.testing.assert_array_equal(grafted[1]["w"], [0.0, 1.0, 2.0])
+    np.testing.assert_array_equal(params[1]["w"], np.zeros(3))  # params is not modified
+    assert grafted[0] is params[0]
+    with pytest.raises(ValueError, match=r"graft: cannot index tuple with 5"):
+        fl.graft(params, {"w": jnp.zeros((3,))}, at=(5,))
 
 
 def test_init_train_state_from_given_params():
@@ -387,24 +455,24 @@ def test_init_train_state_from_given_params():
         fl.init_train_state(model, opt, jax.random.key(0), jnp.zeros((1, 4)), params=wrong[0])
     assert str(err.value) == (
         "init_train_state: params for this model differs at ['head']['b']: expected "
-        "float32[3], got float32[5]. Pass params made by this model's init (or loaded into "
-        "them with fl.load_params)."
+        "float32[3], got float32[5]. Pass params made by this model's init (or grafted into "
+        "them with fl.graft)."
     )
 
 
-def test_load_params_copies_a_subtree_and_names_mismatches():
+def test_graft_copies_a_subtree_and_names_mismatches():
     old = fl.serial(body=fl.dense(8), head=fl.dense(3))
     new = fl.serial(body=fl.dense(8), head=fl.dense(5))
     p_old, _ = old.init(jax.random.key(0), jnp.zeros((1, 4)))
     p_new, _ = new.init(jax.random.key(1), jnp.zeros((1, 4)))
-    merged = fl.load_params(p_new, p_old["body"], at=("body",))
+    merged = fl.graft(p_new, p_old["body"], at=("body",))
     _assert_bitwise(merged["body"], p_old["body"])
     _assert_bitwise(merged["head"], p_new["head"])
-    with pytest.raises(ValueError, match=r"load_params: pretrained at \('head',\) differs at "
+    with pytest.raises(ValueError, match=r"graft: pretrained at \('head',\) differs at "
                        r"\['b'\]: expected float32\[5\], got float32\[3\]"):  # fmt: skip
-        fl.load_params(p_new, p_old["head"], at=("head",))
-    with pytest.raises(ValueError, match=r"load_params: no key 'neck' in params"):
-        fl.load_params(p_new, p_old["body"], at=("neck",))
+        fl.graft(p_new, p_old["head"], at=("head",))
+    with pytest.raises(ValueError, match=r"graft: no key 'neck' in params"):
+        fl.graft(p_new, p_old["body"], at=("neck",))
 
 
 def test_bf16_compute_keeps_f32_params_and_learns():
@@ -455,7 +523,7 @@ def test_partial_batch_of_a_model_with_state_runs_at_its_own_size():
 def test_fit_names_an_optimizer_state_from_another_optimizer():
     x, y = _data(16)
     model = fl.serial(body=fl.dense(4), head=fl.dense(3))
-    frozen = fl.freeze(optax.adam(1e-3), {"body": False, "head": True})
+    frozen = fl.freeze(optax.adam(1e-3), {"body": True, "head": False})
     ts = fl.init_train_state(model, frozen, jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"fit: the optimizer state of train_state has a "
                        r"different tree: missing \['\[0\]\.count'.*It was made by another "

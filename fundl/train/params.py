@@ -1,0 +1,148 @@
+"""Param tools: freezing part of a model, and grafting pretrained params into a tree."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = ["freeze", "graft"]
+
+
+def freeze(
+    optimizer: optax.GradientTransformation, frozen: Any = None, **renamed: Any
+) -> optax.GradientTransformation:
+    """Freezes the params where ``frozen`` is true: they keep their values; the rest train.
+
+    Built on ``optax.multi_transform``: frozen leaves get ``optax.set_to_zero()`` (no update
+    and no optimizer state for them), the others ``optimizer``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax, fundl as fl
+        >>> model = fl.serial(body=fl.dense(4), head=fl.dense(2))
+        >>> params, _ = model.init(jax.random.key(0), jnp.zeros((1, 3)))
+        >>> opt = fl.freeze(optax.sgd(0.1), {"body": True, "head": False})
+        >>> state = opt.init(params)
+        >>> updates, _ = opt.update(jax.tree_util.tree_map(jnp.ones_like, params), state, params)
+        >>> body, head = updates["body"], updates["head"]
+        >>> float(jnp.abs(body["w"]).max()), bool(jnp.all(head["w"] != 0))
+        (0.0, True)
+
+    Args:
+        optimizer: the optimizer for the params that train.
+        frozen: a pytree of booleans with the params' structure, or a prefix of it (e.g.
+            ``{"body": True, "head": False}``: ``True`` freezes), or a function
+            ``params -> such a tree``.
+        **renamed: old keywords, only to name their replacement: ``trainable=`` raises a
+            ``TypeError`` naming ``frozen=``.
+
+    Returns:
+        An optax ``GradientTransformation``.
+
+    Raises:
+        TypeError: ``frozen`` is missing, or the old keyword ``trainable=`` was given.
+    """
+    if renamed or frozen is None:
+        old = sorted(renamed)
+        raise TypeError(
+            f"freeze: got the keyword(s) {old}; the mask is now frozen=, and True marks the "
+            f"params to freeze (the old trainable= marked the params to train): "
+            f"fl.freeze(optimizer, frozen={{'body': True, 'head': False}})."
+            if old
+            else "freeze: missing the mask frozen= (a tree of booleans, True freezes)."
+        )
+
+    def labels(params):
+        mask = frozen(params) if callable(frozen) else frozen
+        try:
+            return jax.tree_util.tree_map(
+                lambda m, sub: jax.tree_util.tree_map(lambda _: "freeze" if m else "train", sub),
+                mask,
+                params,
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"freeze: the frozen mask does not match the params' tree: {err}. Give a tree "
+                f"of booleans with the params' structure or a prefix of it."
+            ) from None
+
+    return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
+
+
+def graft(params: Any, pretrained: Any, at: Sequence[Any] = ()) -> Any:
+    """Puts ``pretrained`` into ``params`` at the subtree ``at``, checking every shape.
+
+    Transfer learning: build the new model, init it, then graft the pretrained body into it.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, fundl as fl
+        >>> old = fl.serial(body=fl.dense(4), head=fl.dense(3))
+        >>> new = fl.serial(body=fl.dense(4), head=fl.dense(5))
+        >>> p_old, _ = old.init(jax.random.key(0), jnp.zeros((1, 2)))
+        >>> p_new, _ = new.init(jax.random.key(1), jnp.zeros((1, 2)))
+        >>> old_body = p_old["body"]
+        >>> params = fl.graft(p_new, old_body, at=("body",))
+        >>> body, head = params["body"], params["head"]
+        >>> bool(jnp.all(body["w"] == old_body["w"])), head["w"].shape
+        (True, (4, 5))
+
+    Args:
+        params: the new model's params.
+        pretrained: the params to put in; same tree structure, shapes and dtypes as the
+            subtree at ``at``.
+        at: the path of the subtree (dict keys or tuple indices); ``()`` is the whole tree.
+
+    Returns:
+        A new params tree (``params`` is not modified).
+
+    Raises:
+        ValueError: naming the first path whose structure, shape or dtype differs.
+    """
+    at = tuple(at)
+
+    def replace(tree, path):
+        if not path:
+            check_same_tree(tree, pretrained, "graft: pretrained", "at " + repr(at))
+            return jax.tree_util.tree_map(jnp.asarray, pretrained)
+        head, rest = path[0], path[1:]
+        if isinstance(tree, dict):
+            if head not in tree:
+                raise ValueError(f"graft: no key {head!r} in params (keys {list(tree)}).")
+            return {**tree, head: replace(tree[head], rest)}
+        if (
+            isinstance(tree, tuple | list)
+            and isinstance(head, int)
+            and -len(tree) <= head < len(tree)
+        ):
+            items = list(tree)
+            items[head] = replace(items[head], rest)
+            return type(tree)(items)
+        raise ValueError(f"graft: cannot index {type(tree).__name__} with {head!r}.")
+
+    return replace(params, at)
+
+
+def check_same_tree(expected: Any, actual: Any, what: str, where: str) -> None:
+    """Raises a ``ValueError`` naming the first path whose structure, shape or dtype differs."""
+    e_leaves, e_def = jax.tree_util.tree_flatten_with_path(expected)
+    a_leaves, a_def = jax.tree_util.tree_flatten_with_path(actual)
+    e_paths = {jax.tree_util.keystr(p): x for p, x in e_leaves}
+    a_paths = {jax.tree_util.keystr(p): x for p, x in a_leaves}
+    missing, extra = sorted(set(e_paths) - set(a_paths)), sorted(set(a_paths) - set(e_paths))
+    if missing or extra:
+        raise ValueError(
+            f"{what} {where} has a different tree: missing {missing}, unexpected {extra}."
+        )
+    for p, e in e_paths.items():
+        a = a_paths[p]
+        if tuple(np.shape(e)) != tuple(np.shape(a)) or np.dtype(e.dtype) != np.dtype(a.dtype):
+            raise ValueError(
+                f"{what} {where} differs at {p}: expected {np.dtype(e.dtype)}{list(np.shape(e))}"
+                f", got {np.dtype(a.dtype)}{list(np.shape(a))}."
+            )
+    if e_def != a_def:
+        raise ValueError(f"{what} {where} has a different tree structure: {a_def} vs {e_def}.")

@@ -1,0 +1,119 @@
+"""The train state: everything a run carries from step to step, and how a run starts one."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fundl.core import Layer
+from fundl.train.params import check_same_tree
+
+__all__ = ["TrainState", "init_train_state"]
+
+
+class TrainState(NamedTuple):
+    """Everything a training run carries from step to step: a pytree of arrays.
+
+    Attributes:
+        params: the model's params (a pytree of float arrays).
+        state: the model's non-trained state (e.g. batch-norm statistics), ``()`` if none.
+        opt_state: the optax optimizer's state.
+        step: int32 scalar, the number of batches consumed so far.
+        key: the run's PRNG key; the step ``s`` uses ``jax.random.fold_in(key, s)`` for
+            dropout, so every step draws fresh masks and runs with one seed are identical.
+        bad_step: int32 scalar, ``-1``, or the first step whose loss was non-finite (with
+            ``on_nonfinite="stop"``).
+    """
+
+    params: Any
+    state: Any
+    opt_state: Any
+    step: jax.Array
+    key: jax.Array
+    bad_step: jax.Array
+
+
+def init_train_state(
+    model: Layer,
+    optimizer: optax.GradientTransformation,
+    key: jax.Array,
+    example_inputs: Any,
+    *,
+    params: Any = None,
+) -> TrainState:
+    """Initializes the model and the optimizer into a :class:`TrainState`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax, fundl as fl
+        >>> ts = fl.init_train_state(fl.dense(2), optax.sgd(0.1), jax.random.key(0),
+        ...                          jnp.zeros((4, 3)))
+        >>> int(ts.step), ts.params["w"].shape
+        (0, (3, 2))
+
+    Args:
+        model: the model.
+        optimizer: an optax ``GradientTransformation``.
+        key: a PRNG key; split into the init key and the run's step key.
+        example_inputs: an example input (array or ``jax.ShapeDtypeStruct``), e.g. a batch
+            of shape ``(batch, ...)``; only shapes and dtypes are read.
+        params: start from these params instead of fresh ones (pretrained, or made with
+            :func:`fundl.graft`); the optimizer state is built for them. Their tree, shapes
+            and dtypes must be those ``model.init`` makes.
+
+    Returns:
+        A :class:`TrainState` at step 0.
+
+    Raises:
+        ValueError: ``params`` do not fit the model, naming the first path that differs.
+    """
+    init_key, step_key = jax.random.split(key)
+    fresh, state = model.init(init_key, example_inputs)
+    if params is None:
+        params = fresh
+    else:
+        try:
+            check_same_tree(fresh, params, "init_train_state: params", "for this model")
+        except ValueError as err:
+            raise ValueError(
+                f"{err} Pass params made by this model's init (or grafted into them with fl.graft)."
+            ) from None
+        params = jax.tree_util.tree_map(jnp.asarray, params)
+    return TrainState(
+        params=params,
+        state=state,
+        opt_state=optimizer.init(params),
+        step=jnp.zeros((), jnp.int32),
+        key=step_key,
+        bad_step=jnp.full((), -1, jnp.int32),
+    )
+
+
+def start_state(
+    model: Layer,
+    optimizer: optax.GradientTransformation,
+    key: jax.Array,
+    example_inputs: Any,
+    train_state: TrainState | None,
+) -> TrainState:
+    """``fit``'s first state: a fresh one, or a copy of ``train_state`` (fit donates buffers)."""
+    if train_state is None:
+        return init_train_state(model, optimizer, key, example_inputs)
+    check_opt_state(optimizer, train_state)
+    return jax.tree_util.tree_map(jnp.copy, train_state)
+
+
+def check_opt_state(optimizer: optax.GradientTransformation, ts: TrainState) -> None:
+    """Raises a clear error when ``ts.opt_state`` is not ``optimizer``'s state."""
+    with jax.numpy_dtype_promotion("standard"):  # optax's init, as in the step
+        expected = jax.eval_shape(optimizer.init, ts.params)
+    try:
+        check_same_tree(expected, ts.opt_state, "the optimizer state", "of train_state")
+    except ValueError as err:
+        raise ValueError(
+            f"fit: {err} It was made by another optimizer than the one given to fit. Start "
+            f"the optimizer afresh: train_state._replace(opt_state=optimizer.init("
+            f"train_state.params))."
+        ) from None
