@@ -259,7 +259,7 @@ def with_path(err: Exception, segment: str) -> Exception:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def renamed(**new_names: str) -> Callable[[F], F]:
+def renamed(*, note_: str = "", **new_names: str) -> Callable[[F], F]:
     """Makes a function reject keywords that were renamed, with a ``TypeError`` naming the new one.
 
     The API is unreleased, so a renamed argument has no alias (``CHANGELOG.md`` lists the
@@ -277,6 +277,7 @@ def renamed(**new_names: str) -> Callable[[F], F]:
         TypeError: copies() got the keyword n=, renamed to times= in fundl 0.2.
 
     Args:
+        note_: a sentence appended to the message, for a rename that also changed meaning.
         **new_names: ``old="new"``, one per renamed keyword.
 
     Returns:
@@ -290,7 +291,7 @@ def renamed(**new_names: str) -> Callable[[F], F]:
             if stale:
                 raise TypeError(
                     f"{fn.__name__}() got the keyword {stale[0]}=, renamed to "
-                    f"{new_names[stale[0]]}= in fundl 0.2."
+                    f"{new_names[stale[0]]}= in fundl 0.2.{' ' + note_ if note_ else ''}"
                 )
             return fn(*args, **kwargs)
 

@@ -421,8 +421,8 @@ def test_freeze_mask_marks_the_frozen_params_and_the_old_keyword_names_the_new_o
     with pytest.raises(TypeError) as err:
         fl.freeze(optax.sgd(0.5), trainable={"body": False, "head": True})
     assert str(err.value) == (
-        "freeze: got the keyword(s) ['trainable']; the mask is now frozen=, and True marks the "
-        "params to freeze (the old trainable= marked the params to train): "
+        "freeze() got the keyword trainable=, renamed to frozen= in fundl 0.2. True now marks "
+        "the params to freeze (trainable= marked the params to train): "
         "fl.freeze(optimizer, frozen={'body': True, 'head': False})."
     )
     wrong = fl.freeze(optax.sgd(0.5), {"neck": True})

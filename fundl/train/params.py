@@ -10,12 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fundl.core import renamed
+
 __all__ = ["freeze", "graft"]
 
 
-def freeze(
-    optimizer: optax.GradientTransformation, frozen: Any = None, **renamed: Any
-) -> optax.GradientTransformation:
+@renamed(
+    trainable="frozen",
+    note_="True now marks the params to freeze (trainable= marked the params to train): "
+    "fl.freeze(optimizer, frozen={'body': True, 'head': False}).",
+)
+def freeze(optimizer: optax.GradientTransformation, frozen: Any) -> optax.GradientTransformation:
     """Freezes the params where ``frozen`` is true: they keep their values; the rest train.
 
     Built on ``optax.multi_transform``: frozen leaves get ``optax.set_to_zero()`` (no update
@@ -37,24 +42,13 @@ def freeze(
         frozen: a pytree of booleans with the params' structure, or a prefix of it (e.g.
             ``{"body": True, "head": False}``: ``True`` freezes), or a function
             ``params -> such a tree``.
-        **renamed: old keywords, only to name their replacement: ``trainable=`` raises a
-            ``TypeError`` naming ``frozen=``.
 
     Returns:
         An optax ``GradientTransformation``.
 
     Raises:
-        TypeError: ``frozen`` is missing, or the old keyword ``trainable=`` was given.
+        TypeError: the old keyword ``trainable=`` was given (its mask meant the opposite).
     """
-    if renamed or frozen is None:
-        old = sorted(renamed)
-        raise TypeError(
-            f"freeze: got the keyword(s) {old}; the mask is now frozen=, and True marks the "
-            f"params to freeze (the old trainable= marked the params to train): "
-            f"fl.freeze(optimizer, frozen={{'body': True, 'head': False}})."
-            if old
-            else "freeze: missing the mask frozen= (a tree of booleans, True freezes)."
-        )
 
     def labels(params):
         mask = frozen(params) if callable(frozen) else frozen
