@@ -210,7 +210,8 @@ def attention_case(quick: bool, gpu: GpuRun | None = None) -> CaseResult:
         res = measure_train_steps(f"{case}, {gpu.dtype.__name__}", impls, opt, x, target, steps,
                                   2 if quick else 5, rtol=BF16_RTOL, speed=speed)  # fmt: skip
     kernel_dtype = jnp.dtype(dtype or jnp.float32)
-    kernel = fl.attention._choose(None, kernel_dtype, width // heads, False, False, False)
+    kernel = fl.attention_kernels._choose(None, kernel_dtype, width // heads, has_mask=False,
+                                          dropout=False)  # fmt: skip
     res.notes.append(f"{note_vs_fastest(res)}; fundl's kernel on {jax.default_backend()} "
                      f"{kernel_dtype.name}: {kernel}")  # fmt: skip
     res.notes.extend(notes)

@@ -115,7 +115,7 @@ def block_case(quick: bool, gpu: GpuRun | None = None) -> CaseResult:
         block = fl.decoder_block(width, heads)
     else:  # as benchmarks/gpt2.py: bfloat16 layer norms too
         block = fl.decoder_block(width, heads, dtype=dtype,
-                                 norm=lambda: fl.layer_norm(dtype=dtype))  # fmt: skip
+                                 norm=fl.layer_norm(dtype=dtype))  # fmt: skip
     weights, state = block.init(jax.random.key(0), x)
     weights = jax.tree.map(lambda w: w + 0.01, weights)  # non-zero biases
     opt = optax.adam(1e-3)
@@ -146,7 +146,8 @@ def block_case(quick: bool, gpu: GpuRun | None = None) -> CaseResult:
         res = measure_train_steps(f"{case}, {gpu.dtype.__name__}", impls, opt, x, target, steps,
                                   2 if quick else 5, rtol=BF16_RTOL, speed=speed)  # fmt: skip
     kernel_dtype = jnp.dtype(dtype or jnp.float32)
-    kernel = fl.attention._choose(None, kernel_dtype, width // heads, False, False, False)
+    kernel = fl.attention_kernels._choose(None, kernel_dtype, width // heads, has_mask=False,
+                                          dropout=False)  # fmt: skip
     backend = jax.default_backend()
     res.notes.append(f"fundl / plain JAX = {res.timings[1].ratio:.3f}; fundl's attention "
                      f"kernel on {backend} {kernel_dtype.name}: {kernel}")  # fmt: skip
