@@ -7,8 +7,11 @@ most models since; Xiong et al. 2020)::
     x = x + dropout(dense_2(gelu(dense_1(norm(x)))))
 
 Both are ``fl.serial(attn=..., mlp=fl.residual(fl.serial(...)))``, so params read
-``params["attn"]["attn"]["query"]["w"]`` and ``params["mlp"]["up"]["w"]``. Stack blocks
-with :func:`fundl.repeat` (params stacked, one compile for any depth).
+``params["attn"]["attn"]["query"]["w"]`` and ``params["mlp"]["up"]["w"]``. The ``norm``
+layer a block is given (and its ``fl.dropout``) serves both branches, each with its own
+params and key. Stack blocks with :func:`fundl.repeat` (params stacked, one compile for any
+depth). For other parts (another dropout, a different MLP), build the block from
+:func:`attention_residual` and :func:`fundl.residual` as :func:`encoder_block` does.
 """
 
 from __future__ import annotations
