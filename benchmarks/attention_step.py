@@ -203,7 +203,8 @@ def attention_case(quick: bool, gpu: GpuRun | None = None) -> CaseResult:
     speed = Speed(batch * time_, "tokens")
     res = measure_run(gpu, case, impls, opt, x, target, steps, rounds, speed)
     kernel_dtype = jnp.dtype(dtype or jnp.float32)
-    kernel = fl.attention._choose(None, kernel_dtype, width // heads, False, False, False)
+    kernel = fl.attention_kernels._choose(None, kernel_dtype, width // heads, has_mask=False,
+                                          dropout=False)  # fmt: skip
     res.notes.append(f"{note_vs_fastest(res)}; fundl's kernel on {jax.default_backend()} "
                      f"{kernel_dtype.name}: {kernel}")  # fmt: skip
     res.notes.extend(notes)

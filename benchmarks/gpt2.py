@@ -54,7 +54,7 @@ def make_model(
                 heads,
                 dtype=dtype,
                 implementation=implementation,
-                norm=lambda: fl.layer_norm(dtype=dtype),
+                norm=fl.layer_norm(dtype=dtype),
             ),
             layers,
             unroll=unroll,

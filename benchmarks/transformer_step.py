@@ -101,7 +101,7 @@ def block_case(quick: bool, gpu: GpuRun | None = None) -> CaseResult:
         block = fl.decoder_block(width, heads)
     else:  # as benchmarks/gpt2.py: bfloat16 layer norms too
         block = fl.decoder_block(width, heads, dtype=dtype,
-                                 norm=lambda: fl.layer_norm(dtype=dtype))  # fmt: skip
+                                 norm=fl.layer_norm(dtype=dtype))  # fmt: skip
     weights, state = block.init(jax.random.key(0), x)
     weights = jax.tree.map(lambda w: w + 0.01, weights)  # non-zero biases
     opt = optax.adam(1e-3)
@@ -127,7 +127,8 @@ def block_case(quick: bool, gpu: GpuRun | None = None) -> CaseResult:
     speed = Speed(batch * t, "tokens")
     res = measure_run(gpu, case, impls, opt, x, target, steps, rounds, speed)
     kernel_dtype = jnp.dtype(dtype or jnp.float32)
-    kernel = fl.attention._choose(None, kernel_dtype, width // heads, False, False, False)
+    kernel = fl.attention_kernels._choose(None, kernel_dtype, width // heads, has_mask=False,
+                                          dropout=False)  # fmt: skip
     backend = jax.default_backend()
     res.notes.append(f"fundl / plain JAX = {res.timings[1].ratio:.3f}; fundl's attention "
                      f"kernel on {backend} {kernel_dtype.name}: {kernel}")  # fmt: skip

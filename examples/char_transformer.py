@@ -35,7 +35,7 @@ def make_model(vocab, width, heads, layers, dropout=0.0, decode=False):
     return fl.serial(
         embed=fl.embedding(vocab, width, table_init=jax.nn.initializers.normal(0.02)),
         blocks=fl.repeat(
-            fl.decoder_block(width, heads, dropout=dropout, rope_base=10000.0, decode=decode),
+            fl.decoder_block(width, heads, dropout_rate=dropout, rope_base=10000.0, decode=decode),
             layers,
         ),
         norm=fl.layer_norm(),

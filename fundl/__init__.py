@@ -19,6 +19,7 @@ from fundl.activations import (
     tanh,
 )
 from fundl.attention import KVCache, init_cache, multi_head_attention
+from fundl.attention_kernels import dot_product_attention
 from fundl.combinators import (
     as_layer,
     branch,
@@ -141,6 +142,7 @@ __all__ = [
     "sinusoidal_positions",
     "learned_positions",
     "rotary",
+    "dot_product_attention",
     "multi_head_attention",
     "KVCache",
     "init_cache",

@@ -284,7 +284,8 @@ def rotary(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Arr
     :math:`q` depends only on :math:`p - q`. Used by ``fl.multi_head_attention(rope_base=b)``.
 
     Args:
-        x: queries or keys, shape ``(batch, time, heads, head_dim)``; ``head_dim`` even.
+        x: queries or keys, shape ``(batch, time, heads, head_features)``; ``head_features``
+            even.
         positions: integer positions, shape ``(time,)``.
         base: :math:`b` (10000 in RoFormer and LLaMA).
 
@@ -293,7 +294,7 @@ def rotary(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Arr
     """
     dim = x.shape[-1]
     if dim % 2:
-        raise ValueError(f"rotary: head_dim must be even to rotate pairs, got {dim}.")
+        raise ValueError(f"rotary: head_features must be even to rotate pairs, got {dim}.")
     half = dim // 2
     ctype = _at_least_f32(x.dtype)  # rotate in at least float32
     theta = base ** (-2.0 * jnp.arange(half, dtype=ctype) / dim)  # (half,)

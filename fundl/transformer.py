@@ -7,37 +7,31 @@ most models since; Xiong et al. 2020)::
     x = x + dropout(dense_2(gelu(dense_1(norm(x)))))
 
 Both are ``fl.serial(attn=..., mlp=fl.residual(fl.serial(...)))``, so params read
-``params["attn"]["attn"]["query"]["w"]`` and ``params["mlp"]["up"]["w"]``. Stack blocks
-with :func:`fundl.repeat` (params stacked, one compile for any depth).
+``params["attn"]["attn"]["query"]["w"]`` and ``params["mlp"]["up"]["w"]``. The ``norm``
+layer a block is given (and its ``fl.dropout``) serves both branches, each with its own
+params and key. Stack blocks with :func:`fundl.repeat` (params stacked, one compile for any
+depth). For other parts (another dropout, a different MLP), build the block from
+:func:`attention_residual` and :func:`fundl.residual` as :func:`encoder_block` does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from fundl.attention import multi_head_attention
+from fundl.attention import _reject_renamed, multi_head_attention
 from fundl.combinators import _call, residual, serial
 from fundl.core import Layer, layer_name, named
 from fundl.dense import dense
+from fundl.dropout import dropout
+from fundl.norm import layer_norm
 
 __all__ = ["attention_residual", "encoder_block", "decoder_block"]
 
-LayerMaker = Callable[[], Layer]
-
-
-def _default_norm() -> Layer:
-    from fundl.norm import layer_norm
-
-    return layer_norm()
-
-
-def _default_dropout(rate: float) -> Layer:
-    from fundl.dropout import dropout
-
-    return dropout(rate)
+default_norm: Layer = layer_norm()
+"""``fl.layer_norm()``, the blocks' default ``norm``."""
 
 
 def attention_residual(attention: Layer, norm: Layer, dropout: Layer | None = None) -> Layer:
@@ -98,67 +92,86 @@ def attention_residual(attention: Layer, norm: Layer, dropout: Layer | None = No
     return named(Layer(init, apply), label, tuple((segments[n], c) for n, c in children.items()))
 
 
+_RENAMED = {
+    "width": "features",
+    "hidden": "mlp_features",
+    "dropout": "dropout_rate",
+    "attention_dropout": "attention_dropout_rate",
+    "dropout_layer": (
+        "blocks use fl.dropout(dropout_rate); for another dropout layer, build the block "
+        "from fl.attention_residual and fl.residual"
+    ),
+}
+
+
 def _block(
     kind: str,
-    width: int,
+    features: int,
     num_heads: int,
-    hidden: int | None,
+    *,
+    mlp_features: int | None,
     num_kv_heads: int | None,
-    dropout: float,
-    attention_dropout: float,
-    causal: bool,
+    dropout_rate: float,
+    attention_dropout_rate: float,
+    is_causal: bool,
     rope_base: float | None,
     decode: bool,
-    norm: LayerMaker | None,
-    dropout_layer: Callable[[float], Layer] | None,
+    norm: Layer,
     dtype: jnp.dtype | None,
     param_dtype: jnp.dtype | None,
     implementation: str | None,
 ) -> Layer:
-    if not isinstance(width, int) or width < 1:
-        raise ValueError(f"{kind}(width, num_heads): width must be a positive int, got {width!r}.")
-    if not isinstance(num_heads, int) or num_heads < 1 or width % num_heads:
+    if not isinstance(features, int) or features < 1:
         raise ValueError(
-            f"{kind}({width}, {num_heads}): the width {width} is not divisible by "
-            f"num_heads={num_heads!r}. Pick num_heads dividing {width}."
+            f"{kind}(features, num_heads): features must be a positive int, got {features!r}."
         )
-    make_norm = norm or _default_norm
-    make_drop = dropout_layer or _default_dropout
-    attn = multi_head_attention(
-        num_heads, num_kv_heads=num_kv_heads, dropout=attention_dropout, is_causal=causal,
-        rope_base=rope_base, decode=decode, implementation=implementation, dtype=dtype,
-        param_dtype=param_dtype,
+    name = f"{kind}({features}, {num_heads})"
+    if not isinstance(num_heads, int) or num_heads < 1 or features % num_heads:
+        raise ValueError(
+            f"{name}: features={features} is not divisible by num_heads={num_heads!r}. Pick "
+            f"num_heads dividing {features}."
+        )
+    for arg, rate in (("dropout_rate", dropout_rate),
+                      ("attention_dropout_rate", attention_dropout_rate)):  # fmt: skip
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"{name}: {arg} must be in [0, 1), got {rate!r}.")
+    if not isinstance(norm, Layer):
+        raise TypeError(
+            f"{name}: norm must be a Layer value, got {norm!r}. Pass a layer, not its "
+            f"constructor: e.g. norm=fl.rms_norm()."
+        )
+    attention = multi_head_attention(
+        num_heads, num_kv_heads=num_kv_heads, dropout_rate=attention_dropout_rate,
+        is_causal=is_causal, rope_base=rope_base, decode=decode, implementation=implementation,
+        dtype=dtype, param_dtype=param_dtype,
     )  # fmt: skip
-    drop = (lambda: make_drop(dropout)) if dropout > 0.0 else None
+    drop = dropout(dropout_rate) if dropout_rate > 0.0 else None
     mlp = {
-        "norm": make_norm(),
-        "up": dense(hidden or 4 * width, dtype=dtype, param_dtype=param_dtype),
+        "norm": norm,
+        "up": dense(mlp_features or 4 * features, dtype=dtype, param_dtype=param_dtype),
         "act": jax.nn.gelu,
-        "down": dense(width, dtype=dtype, param_dtype=param_dtype),
+        "down": dense(features, dtype=dtype, param_dtype=param_dtype),
     }
     if drop is not None:
-        mlp["drop"] = drop()
-    block = serial(
-        attn=attention_residual(attn, make_norm(), drop() if drop is not None else None),
-        mlp=residual(serial(**mlp)),
-    )
-    return named(block, f"{kind}({width}, {num_heads})", block.children)
+        mlp["drop"] = drop
+    block = serial(attn=attention_residual(attention, norm, drop), mlp=residual(serial(**mlp)))
+    return named(block, name, block.children)
 
 
 def encoder_block(
-    width: int,
+    features: int,
     num_heads: int,
     *,
-    hidden: int | None = None,
+    mlp_features: int | None = None,
     num_kv_heads: int | None = None,
-    dropout: float = 0.0,
-    attention_dropout: float = 0.0,
+    dropout_rate: float = 0.0,
+    attention_dropout_rate: float = 0.0,
     rope_base: float | None = None,
-    norm: LayerMaker | None = None,
-    dropout_layer: Callable[[float], Layer] | None = None,
+    norm: Layer = default_norm,
     dtype: jnp.dtype | None = None,
     param_dtype: jnp.dtype | None = None,
     implementation: str | None = None,
+    **renamed: Any,
 ) -> Layer:
     """A pre-norm transformer encoder block (BERT/ViT-style, bidirectional attention).
 
@@ -175,44 +188,51 @@ def encoder_block(
         (2, 5, 16)
 
     Args:
-        width: the model width (input and output features).
-        num_heads: attention heads; must divide ``width``.
-        hidden: the MLP's hidden size (default ``4 * width``).
+        features: the model width (input and output features).
+        num_heads: attention heads; must divide ``features``.
+        mlp_features: the MLP's hidden size (default ``4 * features``).
         num_kv_heads: key/value heads for grouped-query attention (default ``num_heads``).
-        dropout: dropout rate on each branch's output (0 adds no dropout layer).
-        attention_dropout: dropout rate on the attention weights.
+        dropout_rate: the dropout rate on each branch's output (0 adds no dropout layer).
+        attention_dropout_rate: the dropout rate on the attention weights.
         rope_base: rotary position embeddings in attention with this base, if set.
-        norm: a constructor of the normalisation layer, called once per branch (default
-            ``fl.layer_norm``; e.g. ``fl.rms_norm``).
-        dropout_layer: a constructor ``rate -> Layer`` (default ``fl.dropout``).
+        norm: the normalisation layer, used (with its own params) in each branch: default
+            ``fl.layer_norm()``; e.g. ``fl.rms_norm()``.
         dtype: the compute dtype of attention and MLP (e.g. ``jnp.bfloat16``).
         param_dtype: the storage dtype of their params.
-        implementation: the attention kernel (see :func:`fundl.multi_head_attention`);
+        implementation: the attention kernel (see :func:`fundl.dot_product_attention`);
             ``None`` picks per backend and dtype.
+        **renamed: keywords of fundl 0.1 (``width``, ``hidden``, ``dropout``,
+            ``attention_dropout``, ``dropout_layer``) raise a ``TypeError`` naming their
+            replacement.
 
     Returns:
-        A :class:`~fundl.Layer` mapping ``(batch, time, width)`` to the same shape.
+        A :class:`~fundl.Layer` mapping ``(batch, time, features)`` to the same shape.
     """
-    return _block("encoder_block", width, num_heads, hidden, num_kv_heads, dropout,
-                  attention_dropout, False, rope_base, False, norm, dropout_layer, dtype,
-                  param_dtype, implementation)  # fmt: skip
+    _reject_renamed("encoder_block", renamed, _RENAMED)
+    return _block(
+        "encoder_block", features, num_heads, mlp_features=mlp_features,
+        num_kv_heads=num_kv_heads, dropout_rate=dropout_rate,
+        attention_dropout_rate=attention_dropout_rate, is_causal=False, rope_base=rope_base,
+        decode=False, norm=norm, dtype=dtype, param_dtype=param_dtype,
+        implementation=implementation,
+    )  # fmt: skip
 
 
 def decoder_block(
-    width: int,
+    features: int,
     num_heads: int,
     *,
-    hidden: int | None = None,
+    mlp_features: int | None = None,
     num_kv_heads: int | None = None,
-    dropout: float = 0.0,
-    attention_dropout: float = 0.0,
+    dropout_rate: float = 0.0,
+    attention_dropout_rate: float = 0.0,
     rope_base: float | None = None,
     decode: bool = False,
-    norm: LayerMaker | None = None,
-    dropout_layer: Callable[[float], Layer] | None = None,
+    norm: Layer = default_norm,
     dtype: jnp.dtype | None = None,
     param_dtype: jnp.dtype | None = None,
     implementation: str | None = None,
+    **renamed: Any,
 ) -> Layer:
     """A pre-norm causal decoder block (GPT-style): position ``t`` sees positions ``<= t``.
 
@@ -230,25 +250,32 @@ def decoder_block(
         (2, 5, 16)
 
     Args:
-        width: the model width (input and output features).
-        num_heads: attention heads; must divide ``width``.
-        hidden: the MLP's hidden size (default ``4 * width``).
+        features: the model width (input and output features).
+        num_heads: attention heads; must divide ``features``.
+        mlp_features: the MLP's hidden size (default ``4 * features``).
         num_kv_heads: key/value heads for grouped-query attention (default ``num_heads``).
-        dropout: dropout rate on each branch's output (0 adds no dropout layer).
-        attention_dropout: dropout rate on the attention weights.
+        dropout_rate: the dropout rate on each branch's output (0 adds no dropout layer).
+        attention_dropout_rate: the dropout rate on the attention weights.
         rope_base: rotary position embeddings in attention with this base, if set.
         decode: keep a KV cache in the attention's state, for incremental decoding.
-        norm: a constructor of the normalisation layer, called once per branch (default
-            ``fl.layer_norm``; e.g. ``fl.rms_norm``).
-        dropout_layer: a constructor ``rate -> Layer`` (default ``fl.dropout``).
+        norm: the normalisation layer, used (with its own params) in each branch: default
+            ``fl.layer_norm()``; e.g. ``fl.rms_norm()``.
         dtype: the compute dtype of attention and MLP (e.g. ``jnp.bfloat16``).
         param_dtype: the storage dtype of their params.
-        implementation: the attention kernel (see :func:`fundl.multi_head_attention`);
+        implementation: the attention kernel (see :func:`fundl.dot_product_attention`);
             ``None`` picks per backend and dtype.
+        **renamed: keywords of fundl 0.1 (``width``, ``hidden``, ``dropout``,
+            ``attention_dropout``, ``dropout_layer``) raise a ``TypeError`` naming their
+            replacement.
 
     Returns:
-        A :class:`~fundl.Layer` mapping ``(batch, time, width)`` to the same shape.
+        A :class:`~fundl.Layer` mapping ``(batch, time, features)`` to the same shape.
     """
-    return _block("decoder_block", width, num_heads, hidden, num_kv_heads, dropout,
-                  attention_dropout, True, rope_base, decode, norm, dropout_layer, dtype,
-                  param_dtype, implementation)  # fmt: skip
+    _reject_renamed("decoder_block", renamed, _RENAMED)
+    return _block(
+        "decoder_block", features, num_heads, mlp_features=mlp_features,
+        num_kv_heads=num_kv_heads, dropout_rate=dropout_rate,
+        attention_dropout_rate=attention_dropout_rate, is_causal=True, rope_base=rope_base,
+        decode=decode, norm=norm, dtype=dtype, param_dtype=param_dtype,
+        implementation=implementation,
+    )  # fmt: skip

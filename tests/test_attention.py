@@ -10,6 +10,14 @@ import fundl as fl
 
 KEY = jax.random.key(0)
 IMPLS = ["explicit", "xla"]
+EPS = float(np.finfo(np.float32).eps)
+# float32 layers against the float64 NumPy loop: projections and softmax sums of up to 8
+# terms of size ~1 round at a few float32 ulps; 1e-4 relative leaves room for cancellation.
+REF_TOL = {"rtol": 1e-4, "atol": 1e-5}
+# float32 outputs of size ~1 from two differently compiled programs (another shape, jit
+# against eager, a KV cache against one pass): rounding apart by a few ulps; 64 ulps leaves
+# room for another machine's vector width and FMA contraction.
+F32_TOL = {"rtol": 64 * EPS, "atol": 64 * EPS}
 
 
 def numpy_attention(params, q_in, kv_in, mask, heads, kv_heads, causal):
@@ -86,14 +94,14 @@ def test_self_attention_matches_numpy(impl, heads, kv_heads, mask_kind, causal):
     params, state = layer.init(KEY, x)
     y, _ = layer.apply(params, state, x, None, mask)
     expected = numpy_attention(params, x, x, mask, heads, kv_heads, causal)
-    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(y, expected, **REF_TOL)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mask_kind", ["none", "padding", "full", "per_head"])
 def test_cross_attention_matches_numpy(impl, mask_kind):
     b, t, s, heads = 2, 3, 6, 2
-    layer = fl.multi_head_attention(heads, head_dim=3, num_kv_heads=1, out_features=5,
+    layer = fl.multi_head_attention(heads, head_features=3, num_kv_heads=1, out_features=5,
                                     implementation=impl)  # fmt: skip
     q, kv = rand((b, t, 4), 1), rand((b, s, 7), 2)
     mask = masks(b, heads, t, s)[mask_kind]
@@ -103,8 +111,7 @@ def test_cross_attention_matches_numpy(impl, mask_kind):
     assert params["out"]["w"].shape == (6, 5)
     y, _ = layer.apply(params, state, q, kv, mask)
     assert y.shape == (b, t, 5)
-    np.testing.assert_allclose(y, numpy_attention(params, q, kv, mask, heads, 1, False),
-                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(y, numpy_attention(params, q, kv, mask, heads, 1, False), **REF_TOL)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -137,7 +144,7 @@ def test_permutation_equivariance(impl):
     params, state = layer.init(KEY, x)
     y, _ = layer.apply(params, state, x)
     y_perm, _ = layer.apply(params, state, x[:, perm])
-    np.testing.assert_allclose(y_perm, y[:, perm], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y_perm, y[:, perm], **F32_TOL)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -151,7 +158,7 @@ def test_causal_outputs_ignore_the_future(impl, rope):
         changed = x.copy()
         changed[:, t + 1 :] = rand(changed[:, t + 1 :].shape, seed=t + 10)
         y2, _ = layer.apply(params, state, changed)
-        np.testing.assert_allclose(y2[:, : t + 1], y[:, : t + 1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(y2[:, : t + 1], y[:, : t + 1], **F32_TOL)
         if t < 6:
             assert not np.allclose(y2[:, t + 1 :], y[:, t + 1 :])
 
@@ -170,15 +177,14 @@ def test_padded_keys_have_no_influence(impl):
     np.testing.assert_allclose(y2, y, rtol=1e-6, atol=1e-6)
 
 
-def test_is_causal_apply_argument_overrides_constructor():
+def test_causal_and_full_layers_share_params():
     x = rand((1, 4, 4))
     causal = fl.multi_head_attention(2, is_causal=True)
     params, state = causal.init(KEY, x)
     y_causal, _ = causal.apply(params, state, x)
-    y_full, _ = causal.apply(params, state, x, is_causal=False)
-    y_ref, _ = fl.multi_head_attention(2).apply(params, state, x, is_causal=True)
-    np.testing.assert_allclose(y_ref, y_causal, rtol=1e-6)
-    assert not np.allclose(y_full, y_causal)
+    y_full, _ = fl.multi_head_attention(2).apply(params, state, x)
+    np.testing.assert_allclose(y_causal, numpy_attention(params, x, x, None, 2, 2, True), **REF_TOL)
+    np.testing.assert_allclose(y_full, numpy_attention(params, x, x, None, 2, 2, False), **REF_TOL)
 
 
 def test_rotary_scores_depend_only_on_relative_position():
@@ -213,7 +219,7 @@ def test_cached_decoding_equals_full_causal_pass(rope, kv_heads):
         out, cache = step(params, cache, x[:, t : t + 1])
         outs.append(out)
     assert int(cache.index) == 7
-    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), y, **F32_TOL)
 
 
 def test_cache_overflow_raises_eagerly_and_statically():
@@ -255,7 +261,7 @@ def test_cache_batch_mismatch():
 
 
 def test_attention_dropout_train_and_eval():
-    layer = fl.multi_head_attention(2, dropout=0.5)
+    layer = fl.multi_head_attention(2, dropout_rate=0.5)
     x = rand((1, 6, 4))
     params, state = layer.init(KEY, x)
     y_eval, _ = layer.apply(params, state, x)
@@ -267,7 +273,7 @@ def test_attention_dropout_train_and_eval():
     with pytest.raises(ValueError) as err:
         layer.apply(params, state, x, train=True)
     assert str(err.value) == (
-        "multi_head_attention(2): dropout=0.5 in training needs a key: "
+        "multi_head_attention(2): dropout_rate=0.5 in training needs a key: "
         "apply(..., key=jax.random.key(0), train=True)."
     )
 
@@ -291,9 +297,9 @@ def test_width_not_divisible_by_heads():
         fl.multi_head_attention(3).init(KEY, rand((1, 2, 8)))
     assert str(err.value) == (
         "multi_head_attention(3): the query width 8 is not divisible by num_heads=3. "
-        "Pick num_heads dividing 8, or pass head_dim explicitly."
+        "Pick num_heads dividing 8, or pass head_features explicitly."
     )
-    params, _ = fl.multi_head_attention(3, head_dim=2).init(KEY, rand((1, 2, 8)))
+    params, _ = fl.multi_head_attention(3, head_features=2).init(KEY, rand((1, 2, 8)))
     assert params["query"]["w"].shape == (8, 6)
 
 
@@ -315,7 +321,8 @@ def test_mask_that_does_not_broadcast(shape):
     with pytest.raises(ValueError) as err:
         layer.apply(params, state, q, kv, np.ones(shape, bool))
     assert str(err.value) == (
-        f"multi_head_attention(2): mask shape {shape} does not broadcast to (batch, q_len, "
+        f"multi_head_attention(2) dot_product_attention: mask shape {shape} does not "
+        f"broadcast to (batch, q_len, "
         f"kv_len) = (2, 3, 5). Pass a boolean mask of shape (batch, q_len, kv_len), "
         f"(batch, 1, kv_len) for key padding, or (q_len, kv_len)."
     )
@@ -344,7 +351,7 @@ def test_bad_constructor_arguments():
         fl.multi_head_attention(0)
     with pytest.raises(ValueError, match=r"implementation must be one of"):
         fl.multi_head_attention(2, implementation="flash")
-    with pytest.raises(ValueError, match=r"rope_base needs an even head_dim, got 3"):
+    with pytest.raises(ValueError, match=r"rope_base needs an even head_features, got 3"):
         fl.multi_head_attention(2, rope_base=1e4).init(KEY, rand((1, 2, 6)))
 
 
@@ -354,6 +361,20 @@ def test_input_width_differs_from_params():
     with pytest.raises(ValueError) as err:
         layer.apply(params, state, rand((1, 3, 6)), rand((1, 3, 4)))
     assert str(err.value) == (
-        "multi_head_attention(2): the query input has last dimension 6, params expect 4. "
-        "Feed inputs of that width or re-init the params."
+        "multi_head_attention(2)[query] dense(4): input has last dimension 6, params "
+        "expect 4. Feed inputs of shape (..., 4) or re-init the params on this input."
     )
+
+
+def test_renamed_keywords_name_the_new_ones():
+    with pytest.raises(TypeError) as err:
+        fl.multi_head_attention(2, head_dim=4)
+    assert str(err.value) == (
+        "multi_head_attention: the keyword head_dim= was renamed in fundl 0.2; use "
+        "head_features= instead."
+    )
+    with pytest.raises(TypeError, match=r"dropout= was renamed in fundl 0.2; use dropout_rate="):
+        fl.multi_head_attention(2, dropout=0.1)
+    with pytest.raises(TypeError, match=r"^multi_head_attention\(\) got an unexpected keyword "
+                                        r"argument 'num_head'$"):  # fmt: skip
+        fl.multi_head_attention(2, num_head=4)

@@ -118,6 +118,8 @@ def test_learned_positions_decoding_overflow():
     assert np.isfinite(y[:, 0]).all() and np.isnan(y[:, 1]).all()
 
 
-def test_rotary_needs_even_head_dim():
-    with pytest.raises(ValueError, match=r"^rotary: head_dim must be even to rotate pairs, got 3"):
+def test_rotary_needs_even_head_features():
+    with pytest.raises(
+        ValueError, match=r"^rotary: head_features must be even to rotate pairs, got 3"
+    ):
         fl.rotary(jnp.zeros((1, 2, 1, 3)), jnp.arange(2))

@@ -11,31 +11,6 @@ from fundl.core import Layer, named
 KEY = jax.random.key(0)
 
 
-def center_norm() -> Layer:
-    """A param-free stand-in for layer_norm (the blocks take the norm as an argument)."""
-    return fl.function(lambda x: x - x.mean(-1, keepdims=True), name="center_norm")
-
-
-NORM = getattr(fl, "layer_norm", center_norm)
-
-
-def toy_dropout(rate: float) -> Layer:
-    """A minimal inverted dropout for the blocks' dropout_layer argument."""
-
-    def init(key, x):
-        return (), ()
-
-    def apply(params, state, x, key=None, train=False):
-        if not train:
-            return x, state
-        if key is None:
-            raise ValueError("toy_dropout: needs a key")
-        keep = jax.random.bernoulli(key, 1 - rate, x.shape)
-        return jnp.where(keep, x / (1 - rate), 0.0), state
-
-    return named(Layer(init, apply), f"toy_dropout({rate})")
-
-
 def noise() -> Layer:
     """Adds standard normal noise drawn from its key; counts its calls in its state."""
 
@@ -58,7 +33,7 @@ def block_i(params, i):
 
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_repeat_equals_blocks_one_after_another(with_mask):
-    block = fl.decoder_block(8, 2, hidden=12, norm=NORM)
+    block = fl.decoder_block(8, 2, mlp_features=12)
     stack = fl.repeat(block, 3)
     x = rand((2, 5, 8))
     mask = (np.arange(5)[None, :] < np.array([5, 3])[:, None])[:, None, :]
@@ -102,7 +77,7 @@ def test_repeat_splits_keys_and_stacks_state():
 
 def test_repeat_compiles_one_block_whatever_the_depth():
     """The traced program of repeat(block, n) has the same size for any n (one scan body)."""
-    block = fl.decoder_block(8, 2, norm=NORM)
+    block = fl.decoder_block(8, 2)
     x = rand((1, 4, 8))
     sizes = {}
     for n in (1, 8):
@@ -131,8 +106,7 @@ def test_repeat_errors():
 
 
 def test_block_param_structure_and_dropout():
-    block = fl.encoder_block(8, 2, hidden=16, dropout=0.5, norm=NORM,
-                             dropout_layer=toy_dropout)  # fmt: skip
+    block = fl.encoder_block(8, 2, mlp_features=16, dropout_rate=0.5)
     x = rand((2, 3, 8))
     params, state = block.init(KEY, x)
     assert set(params) == {"attn", "mlp"}
@@ -145,7 +119,7 @@ def test_block_param_structure_and_dropout():
 
 
 def test_encoder_block_ignores_padded_positions():
-    block = fl.encoder_block(8, 2, norm=NORM)
+    block = fl.encoder_block(8, 2)
     x = rand((2, 6, 8))
     lengths = np.array([6, 4])
     mask = (np.arange(6)[None, :] < lengths[:, None])[:, None, :]
@@ -159,7 +133,7 @@ def test_encoder_block_ignores_padded_positions():
 
 
 def test_decoder_block_is_causal():
-    block = fl.decoder_block(8, 2, norm=NORM, rope_base=10000.0)
+    block = fl.decoder_block(8, 2, rope_base=10000.0)
     x = rand((1, 6, 8))
     params, state = block.init(KEY, x)
     y, _ = block.apply(params, state, x)
@@ -174,7 +148,7 @@ def language_model(decode: bool) -> Layer:
     return fl.serial(
         embed=fl.embedding(11, 8),
         pos=fl.learned_positions(10, decode=decode),
-        blocks=fl.repeat(fl.decoder_block(8, 2, num_kv_heads=1, norm=NORM, decode=decode), 2),
+        blocks=fl.repeat(fl.decoder_block(8, 2, num_kv_heads=1, decode=decode), 2),
     )
 
 
@@ -190,20 +164,22 @@ def test_language_model_cached_decoding_equals_full_pass():
     for t in range(7):
         out, cache = step(params, cache, ids[:, t : t + 1])
         outs.append(out)
+    # float32, a jitted cache one token at a time against one eager pass: two programs round
+    # apart by a few ulps of outputs of size ~1 through two blocks; 1e-5 is ~80 ulps.
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), y, rtol=1e-5, atol=1e-5)
 
 
 def test_block_width_not_divisible_by_heads():
     with pytest.raises(ValueError) as err:
-        fl.decoder_block(10, 4, norm=NORM)
+        fl.decoder_block(10, 4)
     assert str(err.value) == (
-        "decoder_block(10, 4): the width 10 is not divisible by num_heads=4. Pick num_heads "
+        "decoder_block(10, 4): features=10 is not divisible by num_heads=4. Pick num_heads "
         "dividing 10."
     )
 
 
 def test_block_defaults_layer_norm_and_dropout():
-    block = fl.decoder_block(8, 2, dropout=0.1, attention_dropout=0.1)
+    block = fl.decoder_block(8, 2, dropout_rate=0.1, attention_dropout_rate=0.1)
     x = rand((2, 3, 8))
     params, state = block.init(KEY, x)
     assert set(params["attn"]["norm"]) == set(params["mlp"]["norm"]) == {"scale", "bias"}
@@ -212,3 +188,50 @@ def test_block_defaults_layer_norm_and_dropout():
     assert not np.allclose(y_eval, y_train)
     with pytest.raises(ValueError, match=r"key"):
         block.apply(params, state, x, train=True)
+
+
+def test_block_is_its_documented_parts():
+    # What replaces fundl 0.1's dropout_layer=: a block built from its parts, here with the
+    # norm and dropout layers of one's choice; with fl.dropout it is fl.decoder_block.
+    norm, drop = fl.rms_norm(), fl.dropout(0.5)
+    attention = fl.multi_head_attention(2, is_causal=True, dropout_rate=0.1)
+    mlp = fl.serial(norm=norm, up=fl.dense(12), act=jax.nn.gelu, down=fl.dense(8), drop=drop)
+    by_hand = fl.serial(attn=fl.attention_residual(attention, norm, drop), mlp=fl.residual(mlp))
+    block = fl.decoder_block(8, 2, mlp_features=12, dropout_rate=0.5, attention_dropout_rate=0.1,
+                             norm=fl.rms_norm())  # fmt: skip
+    x = rand((2, 5, 8))
+    params, state = block.init(KEY, x)
+    assert jax.tree.structure(by_hand.init(KEY, x)) == jax.tree.structure((params, state))
+    assert set(params["attn"]["norm"]) == {"scale"}  # rms_norm in both branches
+    assert not np.allclose(params["attn"]["norm"]["scale"], 0.0)
+    key = jax.random.key(3)
+    y_block, _ = block.apply(params, state, x, key=key, train=True)
+    y_hand, _ = by_hand.apply(params, state, x, key=key, train=True)
+    # the same operations, run eagerly both times: equal up to float32 rounding
+    np.testing.assert_allclose(y_hand, y_block, rtol=1e-6, atol=1e-6)
+
+
+def test_block_renamed_keywords_and_norm_constructors():
+    with pytest.raises(TypeError) as err:
+        fl.encoder_block(8, 2, hidden=16)
+    assert str(err.value) == (
+        "encoder_block: the keyword hidden= was renamed in fundl 0.2; use mlp_features= instead."
+    )
+    for old, new in [("dropout", "dropout_rate"), ("attention_dropout", "attention_dropout_rate"),
+                     ("width", "features")]:  # fmt: skip
+        with pytest.raises(TypeError, match=rf"^decoder_block: the keyword {old}= was renamed "
+                                            rf"in fundl 0.2; use {new}= instead\.$"):  # fmt: skip
+            fl.decoder_block(8, 2, **{old: 0.1})
+    with pytest.raises(TypeError) as err:
+        fl.decoder_block(8, 2, dropout_layer=fl.dropout)
+    assert str(err.value) == (
+        "decoder_block: the keyword dropout_layer= was removed in fundl 0.2: blocks use "
+        "fl.dropout(dropout_rate); for another dropout layer, build the block from "
+        "fl.attention_residual and fl.residual."
+    )
+    with pytest.raises(TypeError, match=r"^decoder_block\(8, 2\): norm must be a Layer value, "
+                                        r"got <function rms_norm"):  # fmt: skip
+        fl.decoder_block(8, 2, norm=fl.rms_norm)
+    with pytest.raises(ValueError, match=r"^encoder_block\(8, 2\): attention_dropout_rate must "
+                                         r"be in \[0, 1\), got 1.5\.$"):  # fmt: skip
+        fl.encoder_block(8, 2, attention_dropout_rate=1.5)
