@@ -14,7 +14,7 @@ V_{g(h)}` and :math:`g(h)` the key/value head that query head :math:`h` shares
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -23,7 +23,7 @@ from jax.nn import initializers
 
 from fundl.attention_kernels import IMPLEMENTATIONS, dot_product_attention
 from fundl.combinators import _call
-from fundl.core import Layer, named
+from fundl.core import Layer, named, renamed
 from fundl.dense import default_w_init, dense
 from fundl.embedding import _check_room, rotary
 
@@ -92,6 +92,7 @@ def init_cache(
     return jax.jit(lambda key: layer.init(key, spec)[1])(jax.random.key(0))
 
 
+@renamed(head_dim="head_features", dropout="dropout_rate")
 def multi_head_attention(
     num_heads: int,
     head_features: int | None = None,
@@ -108,7 +109,6 @@ def multi_head_attention(
     b_init: Initializer = initializers.zeros,
     dtype: jnp.dtype | None = None,
     param_dtype: jnp.dtype | None = None,
-    **renamed: Any,
 ) -> Layer:
     r"""Multi-head (self- or cross-) attention, with grouped-query heads and a KV cache.
 
@@ -166,8 +166,6 @@ def multi_head_attention(
         dtype: the compute dtype (e.g. ``jnp.bfloat16``); ``None`` computes in the query
             input's. Softmax runs in float32 (or wider) whatever it is.
         param_dtype: the storage dtype of the params (default float32, float64 with x64).
-        **renamed: keywords of fundl 0.1 (``head_dim``, ``dropout``) raise a ``TypeError``
-            naming their new names.
 
     Returns:
         A :class:`~fundl.Layer` mapping ``q_in (batch, q_len, d_q)``, ``kv_in (batch, kv_len,
@@ -175,7 +173,6 @@ def multi_head_attention(
         = may attend; a 4-d ``(batch, heads, q_len, kv_len)`` mask is also accepted) to
         ``(batch, q_len, out_features)``.
     """
-    _reject_renamed("multi_head_attention", renamed, _RENAMED)
     ctor = "multi_head_attention(num_heads, head_features, num_kv_heads, out_features)"
     for arg, value in (("num_heads", num_heads), ("head_features", head_features),
                        ("num_kv_heads", num_kv_heads), ("out_features", out_features)):  # fmt: skip
@@ -289,28 +286,6 @@ def multi_head_attention(
         return y, state
 
     return named(Layer(init, apply), name)
-
-
-_RENAMED = {"head_dim": "head_features", "dropout": "dropout_rate"}
-
-
-def _reject_renamed(who: str, given: Mapping[str, Any], renamed: Mapping[str, str]) -> None:
-    """Raises a ``TypeError`` for a keyword ``who`` does not take, naming its new name.
-
-    Args:
-        who: the function, e.g. ``"multi_head_attention"``.
-        given: the keywords that ``**renamed`` caught.
-        renamed: old keyword -> its new name, or for a removed one a sentence on what to do.
-    """
-    for old in given:
-        if old not in renamed:
-            raise TypeError(f"{who}() got an unexpected keyword argument {old!r}")
-        new = renamed[old]
-        if new.isidentifier():
-            raise TypeError(
-                f"{who}: the keyword {old}= was renamed in fundl 0.2; use {new}= instead."
-            )
-        raise TypeError(f"{who}: the keyword {old}= was removed in fundl 0.2: {new}.")
 
 
 def _append(name: str, cache: KVCache, k: jax.Array, v: jax.Array) -> KVCache:

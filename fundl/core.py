@@ -183,8 +183,8 @@ def named(
     apply = layer.apply
     inner = getattr(apply, "__fundl_inner__", apply)
 
-    def described_apply(params, state, *inputs, key=None, train=False):
-        return inner(params, state, *inputs, key=key, train=train)
+    def described_apply(params, state, *inputs, **options):  # key, train and side inputs
+        return inner(params, state, *inputs, **options)
 
     described_apply.__fundl_inner__ = inner  # type: ignore[attr-defined]
     described_apply.__fundl_info__ = LayerInfo(  # type: ignore[attr-defined]
@@ -278,7 +278,8 @@ def renamed(*, note_: str = "", **new_names: str) -> Callable[[F], F]:
 
     Args:
         note_: a sentence appended to the message, for a rename that also changed meaning.
-        **new_names: ``old="new"``, one per renamed keyword.
+        **new_names: ``old="new"``, one per renamed keyword; for a keyword that was removed,
+            ``old="a sentence on what to do instead"``.
 
     Returns:
         A decorator; the function it returns has the wrapped function's name and signature.
@@ -289,10 +290,13 @@ def renamed(*, note_: str = "", **new_names: str) -> Callable[[F], F]:
         def checked(*args: Any, **kwargs: Any) -> Any:
             stale = sorted(kwargs.keys() & new_names.keys())
             if stale:
-                raise TypeError(
-                    f"{fn.__name__}() got the keyword {stale[0]}=, renamed to "
-                    f"{new_names[stale[0]]}= in fundl 0.2.{' ' + note_ if note_ else ''}"
-                )
+                old, new = stale[0], new_names[stale[0]]
+                if new.isidentifier():
+                    change = f"renamed to {new}= in fundl 0.2"
+                else:
+                    change = f"removed in fundl 0.2: {new}"
+                extra = f" {note_}" if note_ else ""
+                raise TypeError(f"{fn.__name__}() got the keyword {old}=, {change}.{extra}")
             return fn(*args, **kwargs)
 
         return checked  # type: ignore[return-value]

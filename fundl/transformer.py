@@ -16,14 +16,12 @@ depth). For other parts (another dropout, a different MLP), build the block from
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
-from fundl.attention import _reject_renamed, multi_head_attention
+from fundl.attention import multi_head_attention
 from fundl.combinators import _call, residual, serial
-from fundl.core import Layer, layer_name, named
+from fundl.core import Layer, layer_name, named, renamed
 from fundl.dense import dense
 from fundl.dropout import dropout
 from fundl.norm import layer_norm
@@ -158,6 +156,7 @@ def _block(
     return named(block, name, block.children)
 
 
+@renamed(**_RENAMED)
 def encoder_block(
     features: int,
     num_heads: int,
@@ -171,7 +170,6 @@ def encoder_block(
     dtype: jnp.dtype | None = None,
     param_dtype: jnp.dtype | None = None,
     implementation: str | None = None,
-    **renamed: Any,
 ) -> Layer:
     """A pre-norm transformer encoder block (BERT/ViT-style, bidirectional attention).
 
@@ -201,14 +199,10 @@ def encoder_block(
         param_dtype: the storage dtype of their params.
         implementation: the attention kernel (see :func:`fundl.dot_product_attention`);
             ``None`` picks per backend and dtype.
-        **renamed: keywords of fundl 0.1 (``width``, ``hidden``, ``dropout``,
-            ``attention_dropout``, ``dropout_layer``) raise a ``TypeError`` naming their
-            replacement.
 
     Returns:
         A :class:`~fundl.Layer` mapping ``(batch, time, features)`` to the same shape.
     """
-    _reject_renamed("encoder_block", renamed, _RENAMED)
     return _block(
         "encoder_block", features, num_heads, mlp_features=mlp_features,
         num_kv_heads=num_kv_heads, dropout_rate=dropout_rate,
@@ -218,6 +212,7 @@ def encoder_block(
     )  # fmt: skip
 
 
+@renamed(**_RENAMED)
 def decoder_block(
     features: int,
     num_heads: int,
@@ -232,7 +227,6 @@ def decoder_block(
     dtype: jnp.dtype | None = None,
     param_dtype: jnp.dtype | None = None,
     implementation: str | None = None,
-    **renamed: Any,
 ) -> Layer:
     """A pre-norm causal decoder block (GPT-style): position ``t`` sees positions ``<= t``.
 
@@ -264,14 +258,10 @@ def decoder_block(
         param_dtype: the storage dtype of their params.
         implementation: the attention kernel (see :func:`fundl.dot_product_attention`);
             ``None`` picks per backend and dtype.
-        **renamed: keywords of fundl 0.1 (``width``, ``hidden``, ``dropout``,
-            ``attention_dropout``, ``dropout_layer``) raise a ``TypeError`` naming their
-            replacement.
 
     Returns:
         A :class:`~fundl.Layer` mapping ``(batch, time, features)`` to the same shape.
     """
-    _reject_renamed("decoder_block", renamed, _RENAMED)
     return _block(
         "decoder_block", features, num_heads, mlp_features=mlp_features,
         num_kv_heads=num_kv_heads, dropout_rate=dropout_rate,

@@ -370,10 +370,9 @@ def test_renamed_keywords_name_the_new_ones():
     with pytest.raises(TypeError) as err:
         fl.multi_head_attention(2, head_dim=4)
     assert str(err.value) == (
-        "multi_head_attention: the keyword head_dim= was renamed in fundl 0.2; use "
-        "head_features= instead."
+        "multi_head_attention() got the keyword head_dim=, renamed to head_features= in fundl 0.2."
     )
-    with pytest.raises(TypeError, match=r"dropout= was renamed in fundl 0.2; use dropout_rate="):
+    with pytest.raises(TypeError, match=r"dropout=, renamed to dropout_rate= in fundl 0\.2\.$"):
         fl.multi_head_attention(2, dropout=0.1)
     with pytest.raises(TypeError, match=r"^multi_head_attention\(\) got an unexpected keyword "
                                         r"argument 'num_head'$"):  # fmt: skip

@@ -89,7 +89,7 @@ def test_repeat_compiles_one_block_whatever_the_depth():
 
 
 def test_repeat_errors():
-    with pytest.raises(ValueError, match=r"^repeat\(layer, n\): n must be a positive int, got 0"):
+    with pytest.raises(ValueError, match=r"^repeat\(layer, times\): times must be a positive int"):
         fl.repeat(fl.dense(3), 0)
     with pytest.raises(ValueError) as err:
         fl.repeat(fl.dense(3), 2).init(KEY, jnp.zeros((1, 4)))
@@ -215,17 +215,17 @@ def test_block_renamed_keywords_and_norm_constructors():
     with pytest.raises(TypeError) as err:
         fl.encoder_block(8, 2, hidden=16)
     assert str(err.value) == (
-        "encoder_block: the keyword hidden= was renamed in fundl 0.2; use mlp_features= instead."
+        "encoder_block() got the keyword hidden=, renamed to mlp_features= in fundl 0.2."
     )
     for old, new in [("dropout", "dropout_rate"), ("attention_dropout", "attention_dropout_rate"),
                      ("width", "features")]:  # fmt: skip
-        with pytest.raises(TypeError, match=rf"^decoder_block: the keyword {old}= was renamed "
-                                            rf"in fundl 0.2; use {new}= instead\.$"):  # fmt: skip
+        with pytest.raises(TypeError, match=rf"^decoder_block\(\) got the keyword {old}=, "
+                                            rf"renamed to {new}= in fundl 0\.2\.$"):  # fmt: skip
             fl.decoder_block(8, 2, **{old: 0.1})
     with pytest.raises(TypeError) as err:
         fl.decoder_block(8, 2, dropout_layer=fl.dropout)
     assert str(err.value) == (
-        "decoder_block: the keyword dropout_layer= was removed in fundl 0.2: blocks use "
+        "decoder_block() got the keyword dropout_layer=, removed in fundl 0.2: blocks use "
         "fl.dropout(dropout_rate); for another dropout layer, build the block from "
         "fl.attention_residual and fl.residual."
     )
