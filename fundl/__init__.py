@@ -75,7 +75,7 @@ from fundl.train import (
 )
 from fundl.transformer import attention_residual, decoder_block, encoder_block
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     # the contract

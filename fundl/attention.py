@@ -173,19 +173,13 @@ def multi_head_attention(
         = may attend; a 4-d ``(batch, heads, q_len, kv_len)`` mask is also accepted) to
         ``(batch, q_len, out_features)``.
     """
-    ctor = "multi_head_attention(num_heads, head_features, num_kv_heads, out_features)"
-    for arg, value in (("num_heads", num_heads), ("head_features", head_features),
-                       ("num_kv_heads", num_kv_heads), ("out_features", out_features)):  # fmt: skip
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{ctor}: {arg} must be a positive int, got {value!r}.")
-    kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    name = f"multi_head_attention({num_heads})"
-    if num_heads % kv_heads:
-        raise ValueError(
-            f"{name}: num_heads={num_heads} is not divisible by num_kv_heads={kv_heads}; each "
-            f"key/value head serves num_heads / num_kv_heads query heads. Pick num_kv_heads "
-            f"dividing {num_heads}, e.g. 1 (multi-query) or {num_heads} (standard)."
-        )
+    cfg = _Config(
+        f"multi_head_attention({num_heads})", num_heads,
+        _checked_kv_heads(num_heads, head_features, num_kv_heads, out_features),
+        head_features, out_features, rope_base, decode, dtype,
+        {"use_bias": use_bias, "w_init": w_init, "b_init": b_init, "param_dtype": param_dtype},
+    )  # fmt: skip
+    name, kv_heads = cfg.name, cfg.kv_heads
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"{name}: dropout_rate must be in [0, 1), got {dropout_rate!r}.")
     if implementation is not None and implementation not in IMPLEMENTATIONS:
@@ -194,53 +188,11 @@ def multi_head_attention(
             f"{implementation!r}."
         )
 
-    def sizes(q_in):
-        """``(D, d_out)`` for a query input ``(..., d_q)``: the head and output sizes."""
-        d_q = q_in.shape[-1]
-        if head_features is None and d_q % num_heads:
-            raise ValueError(
-                f"{name}: the query width {d_q} is not divisible by num_heads={num_heads}. "
-                f"Pick num_heads dividing {d_q}, or pass head_features explicitly."
-            )
-        hd = head_features or d_q // num_heads
-        if rope_base is not None and hd % 2:
-            raise ValueError(f"{name}: rope_base needs an even head_features, got {hd}.")
-        return hd, out_features or d_q
-
-    def projections(hd, d_out, q_dtype):
-        """The four dense layers; they compute in ``dtype``, else the query input's dtype."""
-        widths = {"query": num_heads * hd, "key": kv_heads * hd, "value": kv_heads * hd,
-                  "out": d_out}  # fmt: skip
-        options = {"use_bias": use_bias, "w_init": w_init, "b_init": b_init,
-                   "dtype": dtype or q_dtype, "param_dtype": param_dtype}  # fmt: skip
-        return {part: dense(width, **options) for part, width in widths.items()}
-
-    def check_inputs(q_in, kv_in):
-        for what, x in (("q_in", q_in), ("kv_in", kv_in)):
-            if x is not None and jnp.ndim(x) != 3:
-                raise ValueError(
-                    f"{name}: {what} has shape {jnp.shape(x)}, expected (batch, time, "
-                    f"features). Add a batch axis, e.g. x[None]."
-                )
-        if kv_in is None:
-            return
-        if kv_in.shape[0] != q_in.shape[0]:
-            raise ValueError(
-                f"{name}: q_in has batch {q_in.shape[0]} but kv_in has {kv_in.shape[0]}."
-            )
-        if rope_base is not None:
-            raise ValueError(f"{name}: rope_base applies to self-attention; got kv_in.")
-        if decode:
-            raise ValueError(
-                f"{name}: decode=True caches self-attention keys and values; for "
-                f"cross-attention pass kv_in to a layer built with decode=False."
-            )
-
     def init(key, q_in, kv_in=None, mask=None):
         del mask
-        check_inputs(q_in, kv_in)
-        hd, d_out = sizes(q_in)
-        layers = projections(hd, d_out, q_in.dtype)
+        _check_inputs(cfg, q_in, kv_in)
+        hd, d_out = _sizes(cfg, q_in)
+        layers = _projections(cfg, hd, d_out, q_in.dtype)
         kv = q_in if kv_in is None else kv_in
         heads = jax.ShapeDtypeStruct((*q_in.shape[:-1], num_heads * hd), q_in.dtype)
         inputs = {"query": q_in, "key": kv, "value": kv, "out": heads}
@@ -253,9 +205,9 @@ def multi_head_attention(
         return params, KVCache(empty, empty, jnp.zeros((), jnp.int32))
 
     def apply(params, state, q_in, kv_in=None, mask=None, *, key=None, train=False):
-        check_inputs(q_in, kv_in)
+        _check_inputs(cfg, q_in, kv_in)
         hd = params["query"]["w"].shape[1] // num_heads  # sizes from the params, as dense
-        layers = projections(hd, params["out"]["w"].shape[1], q_in.dtype)
+        layers = _projections(cfg, hd, params["out"]["w"].shape[1], q_in.dtype)
 
         def project(part, x):
             return _call(f"{name}[{part}]", layers[part].apply, params[part], (), x)[0]
@@ -286,6 +238,84 @@ def multi_head_attention(
         return y, state
 
     return named(Layer(init, apply), name)
+
+
+class _Config(NamedTuple):
+    """What ``multi_head_attention``'s ``init`` and ``apply`` read of its arguments."""
+
+    name: str
+    num_heads: int
+    kv_heads: int
+    head_features: int | None
+    out_features: int | None
+    rope_base: float | None
+    decode: bool
+    dtype: jnp.dtype | None
+    dense_options: dict[str, Any]  # use_bias, w_init, b_init, param_dtype
+
+
+def _checked_kv_heads(
+    num_heads: int, head_features: int | None, num_kv_heads: int | None, out_features: int | None
+) -> int:
+    """Checks the sizes given to ``multi_head_attention``; returns the key/value heads."""
+    ctor = "multi_head_attention(num_heads, head_features, num_kv_heads, out_features)"
+    for arg, value in (("num_heads", num_heads), ("head_features", head_features),
+                       ("num_kv_heads", num_kv_heads), ("out_features", out_features)):  # fmt: skip
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{ctor}: {arg} must be a positive int, got {value!r}.")
+    kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if num_heads % kv_heads:
+        raise ValueError(
+            f"multi_head_attention({num_heads}): num_heads={num_heads} is not divisible by "
+            f"num_kv_heads={kv_heads}; each key/value head serves num_heads / num_kv_heads "
+            f"query heads. Pick num_kv_heads dividing {num_heads}, e.g. 1 (multi-query) or "
+            f"{num_heads} (standard)."
+        )
+    return kv_heads
+
+
+def _sizes(cfg: _Config, q_in: Any) -> tuple[int, int]:
+    """``(D, d_out)`` for a query input ``(..., d_q)``: the head and output sizes."""
+    d_q = q_in.shape[-1]
+    if cfg.head_features is None and d_q % cfg.num_heads:
+        raise ValueError(
+            f"{cfg.name}: the query width {d_q} is not divisible by num_heads={cfg.num_heads}. "
+            f"Pick num_heads dividing {d_q}, or pass head_features explicitly."
+        )
+    hd = cfg.head_features or d_q // cfg.num_heads
+    if cfg.rope_base is not None and hd % 2:
+        raise ValueError(f"{cfg.name}: rope_base needs an even head_features, got {hd}.")
+    return hd, cfg.out_features or d_q
+
+
+def _projections(cfg: _Config, hd: int, d_out: int, q_dtype: Any) -> dict[str, Layer]:
+    """The four dense layers; they compute in ``cfg.dtype``, else the query input's dtype."""
+    widths = {"query": cfg.num_heads * hd, "key": cfg.kv_heads * hd,
+              "value": cfg.kv_heads * hd, "out": d_out}  # fmt: skip
+    dtype = cfg.dtype or q_dtype
+    return {part: dense(width, dtype=dtype, **cfg.dense_options) for part, width in widths.items()}
+
+
+def _check_inputs(cfg: _Config, q_in: Any, kv_in: Any) -> None:
+    """Raises for inputs that are not ``(batch, time, features)`` or do not fit the layer."""
+    name = cfg.name
+    for what, x in (("q_in", q_in), ("kv_in", kv_in)):
+        if x is not None and jnp.ndim(x) != 3:
+            raise ValueError(
+                f"{name}: {what} has shape {jnp.shape(x)}, expected (batch, time, "
+                f"features). Add a batch axis, e.g. x[None]."
+            )
+    if kv_in is None:
+        return
+    if kv_in.shape[0] != q_in.shape[0]:
+        raise ValueError(f"{name}: q_in has batch {q_in.shape[0]} but kv_in has {kv_in.shape[0]}.")
+    if cfg.rope_base is not None:
+        raise ValueError(f"{name}: rope_base applies to self-attention; got kv_in.")
+    if cfg.decode:
+        raise ValueError(
+            f"{name}: decode=True caches self-attention keys and values; for "
+            f"cross-attention pass kv_in to a layer built with decode=False."
+        )
 
 
 def _append(name: str, cache: KVCache, k: jax.Array, v: jax.Array) -> KVCache:
