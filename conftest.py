@@ -3,7 +3,7 @@
 - Strict dtype promotion and rank promotion that raises, so no layer relies on implicit
   casts or broadcasting (Equinox's conftest does the same).
 - Warnings are errors (``filterwarnings = error`` in pyproject.toml).
-- Hypothesis profiles: ``fast`` (the default: 10 derandomized examples, so every run draws
+- Hypothesis profiles: ``fast`` (the default: 5 derandomized examples, so every run draws
   the same cases) and ``thorough`` (``HYPOTHESIS_PROFILE=thorough``: 200 random examples).
   ``deadline=None`` because a first call compiles.
 - Tests marked ``slow`` run only with ``FUNDL_SLOW=1`` (``.ci/run`` sets it).
@@ -19,7 +19,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 _common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
-settings.register_profile("fast", max_examples=10, derandomize=True, database=None, **_common)
+settings.register_profile("fast", max_examples=5, derandomize=True, database=None, **_common)
 settings.register_profile("thorough", max_examples=200, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
