@@ -152,6 +152,7 @@ def _run(script, *args, env=None, wait=True):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+@pytest.mark.slow  # two training subprocesses, one killed mid-run: ~12 s
 def test_resume_after_sigkill_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(_SCRIPT))
@@ -174,6 +175,7 @@ def test_resume_after_sigkill_is_bitwise_equal_to_an_uninterrupted_run(tmp_path)
     _run(script, ckpt, tmp_path / "resumed.npz", 0)
     with np.load(tmp_path / "full.npz") as a, np.load(tmp_path / "resumed.npz") as b:
         assert a.files == b.files
+        # the same program compiled on the same machine, run from the same state: bitwise
         for name in a.files:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     full = json.loads((tmp_path / "full.npz.json").read_text())
@@ -216,6 +218,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.slow  # a subprocess with four CPU devices: ~9 s
 def test_data_parallel_on_four_cpu_devices_matches_one_device(tmp_path):
     script = tmp_path / "mesh.py"
     script.write_text(textwrap.dedent(_MESH_SCRIPT))
@@ -250,6 +253,7 @@ def test_a_finished_run_resumed_with_more_epochs_equals_one_long_run(tmp_path):
     resumed, h_resumed = run(4, tmp_path)
     again, h_again = run(4, tmp_path)  # finished: returned from the checkpoint, no training
     straight, h_straight = run(4)
+    # one process, one compiled step, the same states: bitwise
     assert h_resumed == h_straight == h_again
     for a, b, c in zip(*(jax.tree_util.tree_leaves(t.params) for t in (resumed, again, straight)),
                        strict=True):  # fmt: skip
@@ -282,6 +286,7 @@ with open(out, "w") as f:
 """
 
 
+@pytest.mark.slow  # two coordinated subprocesses: ~6 s
 def test_two_processes_on_loopback_match_one_device(tmp_path):
     import socket
 

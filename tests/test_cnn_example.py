@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import jax
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -15,6 +16,7 @@ def load_example():
     return module
 
 
+@pytest.mark.slow  # trains the example CNN: ~10 s
 def test_cnn_example_reaches_098_on_digits(tmp_path, capsys):
     """The example's normal settings (15 epochs); about 15 s of CPU time on 2 cores."""
     module = load_example()

@@ -7,6 +7,8 @@ import pytest
 
 import fundl as fl
 
+pytestmark = pytest.mark.numerics  # .ci/run reruns these under a second XLA CPU configuration
+
 
 def numpy_dense(x, w, b):
     """y[..., j] = sum_i x[..., i] w[i, j] + b[j], written as explicit loops over outputs."""
@@ -30,6 +32,7 @@ def test_dense_matches_numpy(shape, use_bias):
     expected = numpy_dense(
         x, np.asarray(params["w"]), np.asarray(params["b"]) if use_bias else None
     )
+    # float32 dots of 5 terms against float64: a few ulps of |y| ~ 3
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
     assert new_state == state == ()
 

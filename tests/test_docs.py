@@ -15,13 +15,22 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 TUTORIALS = sorted((DOCS / "tutorials").glob("*.md"))
 PAGES_WITH_CODE = [ROOT / "README.md", DOCS / "index.md", *TUTORIALS]
+# Tutorials that train a model for 5-20 s: FUNDL_SLOW=1 runs them (CI does).
+SLOW_PAGES = {"attention", "cnn", "going_fast", "overfitting", "rnn", "transfer_learning"}
 
 
 def python_blocks(page: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
 
 
-@pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "page",
+    [
+        pytest.param(p, marks=[pytest.mark.slow] if p.stem in SLOW_PAGES else [])
+        for p in PAGES_WITH_CODE
+    ],
+    ids=lambda p: p.stem,
+)
 def test_page_code_runs(page):
     blocks = python_blocks(page)
     assert blocks, f"{page.name} has no python code blocks"

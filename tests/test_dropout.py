@@ -8,6 +8,9 @@ import pytest
 
 import fundl as fl
 
+pytestmark = pytest.mark.numerics  # .ci/run reruns these under a second XLA CPU configuration
+F32_EPS = float(np.finfo(np.float32).eps)
+
 
 def test_inference_is_the_identity_and_needs_no_key():
     x = jnp.arange(6.0).reshape(2, 3)
@@ -18,8 +21,10 @@ def test_inference_is_the_identity_and_needs_no_key():
 def test_training_drops_and_rescales():
     x = jnp.ones((1000,))
     y, _ = fl.dropout(0.25).apply((), (), x, key=jax.random.key(0), train=True)
-    values = set(np.unique(np.asarray(y)).tolist())
-    assert values == {0.0, float(np.float32(1) / np.float32(0.75))}
+    values = np.unique(np.asarray(y))
+    assert len(values) == 2 and values[0] == 0.0
+    # 1 / 0.75 in float32, within an ulp: XLA may multiply by the reciprocal instead
+    np.testing.assert_allclose(values[1], 1 / 0.75, rtol=2 * F32_EPS)
     assert 0.2 < float(jnp.mean(y == 0)) < 0.3  # 250 expected drops; sd ~14
 
 
@@ -30,7 +35,9 @@ def test_fixed_key_is_deterministic():
     b, _ = jax.jit(layer.apply, static_argnames="train")(
         (), (), x, key=jax.random.key(3), train=True
     )
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the mask is integer arithmetic (bitwise under jit); the rescale may differ by an ulp
+    np.testing.assert_array_equal(np.asarray(a) == 0, np.asarray(b) == 0)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2 * F32_EPS)
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.5, 0.8])
@@ -77,7 +84,7 @@ def test_edge_rates():
     x = jnp.arange(1.0, 5.0)
     key = jax.random.key(0)
     y, _ = fl.dropout(0.0).apply((), (), x, key=key, train=True)
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(x))  # x / 1: exact
     y, _ = fl.dropout(1.0).apply((), (), x, key=key, train=True)
     np.testing.assert_array_equal(np.asarray(y), np.zeros(4))
     grad = jax.grad(lambda x: fl.dropout(1.0).apply((), (), x, key=key, train=True)[0].sum())(x)

@@ -33,7 +33,7 @@ def test_wrong_width_is_caught_at_trace_time_under_jit():
 
 
 def test_mismatched_params_deep_in_the_model():
-    """The issue's example: a later layer whose params expect another width."""
+    """A later layer whose params expect another width than the layer before it gives."""
     model = fl.serial(fl.dense(100), jax.nn.relu, fl.dense(64), jax.nn.relu, fl.dense(10))
     params, state = model.init(KEY, jnp.zeros((1, 5)))
     params = (params[0], params[1], {"w": jnp.zeros((128, 64)), "b": jnp.zeros(64)}, *params[3:])

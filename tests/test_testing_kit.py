@@ -1,4 +1,5 @@
-"""fundl.testing.check_layer catches each kind of broken layer (so its passes mean something)."""
+"""fundl.testing: check_layer catches each kind of broken layer (so its passes mean
+something); the strategies draw what they promise."""
 
 import itertools
 
@@ -7,11 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 import fundl as fl
 from fundl.core import Layer
-from fundl.testing import check_layer, count_compiles
+from fundl.testing import LayerCase, check_case, check_layer, count_compiles
 from fundl.testing import strategies as fst
+from tests import cases
 
 X = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
 
@@ -95,10 +98,32 @@ def test_count_compiles_sees_a_recompile():
     assert len(compiles) == 1
 
 
-@given(fst.float_dtypes(), fst.dense_cases())
+@given(fst.float_dtypes(), cases.dense_cases())
 def test_dense_computes_in_the_input_dtype(dtype, case):
     x = case.inputs[0].astype(dtype)
     params, state = case.layer.init(jax.random.key(0), x)
     y, _ = case.layer.apply(params, state, x)
     assert y.dtype == dtype
     assert y.shape == case.output_shapes
+
+
+def test_check_case_passes_the_case_fields():
+    case = LayerCase(fl.dense(5), (X,), output_shapes=(3, 4))
+    with pytest.raises(AssertionError, match=r"output shapes \(3, 5\), documented \(3, 4\)"):
+        check_case(case)
+    outputs, _ = check_case(case._replace(output_shapes=(3, 5)), grads=False)
+    assert outputs.shape == (3, 5)
+
+
+@given(fst.layer_cases(fl.dense(2), st.tuples(fst.batch_sizes(3), fst.feature_sizes(3)),
+                       output_shapes=lambda shape: (shape[0], 2)))  # fmt: skip
+def test_layer_cases_draw_normal_inputs_of_the_drawn_shapes(case):
+    (x,) = case.inputs
+    assert x.dtype == np.float32 and 1 <= x.shape[0] <= 3 and 1 <= x.shape[1] <= 3
+    assert case.output_shapes == (x.shape[0], 2)
+    assert not case.train and case.grad_modes == ("fwd", "rev")
+
+
+@given(fst.keys())
+def test_keys_are_typed_prng_keys(key):
+    assert jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ()
