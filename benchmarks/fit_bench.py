@@ -19,10 +19,11 @@ Two cases: the steady time per epoch (the median over epochs 2-20 of one run) an
 wall time of the 20 epochs including compilation (a fresh function each run, so every run
 compiles); the "compile" column is the first epoch, compilation included. Each
 implementation runs ``repeats`` times (5), interleaved in rotating order; the tables give the
-median of the repeats and its spread, and the notes the ratios that issue 4 sets as targets:
+median of the repeats and its spread, and the notes the training loop's target ratios:
 fit K=1 / plain step <= 1.05, plain step / fit K=45 >= 3, Keras / fit K=45 per epoch >= 4,
 fit K=45 total / Keras total <= 1/3. Without Keras, the notes compare with the Keras figures
-quoted in issue 4 (14 ms per epoch, 1.65 s in all), labelled as quoted, not measured.
+quoted with the targets (14 ms per epoch, 1.65 s in all, on the machine
+that set them), labelled as quoted, not measured.
 
 ``--quick`` (a smoke run, not a measurement): 280 examples (9 steps, the last partial), 3
 epochs, K = 1, 3 and 9, one repeat.
@@ -47,7 +48,7 @@ from benchmarks.timing import CaseResult, rotations, summary, timed, with_peak_m
 BATCH = 32
 QUICK_EXAMPLES = 280
 KERAS_QUOTED = {"epoch_s": 14e-3, "total_s": 1.65, "epochs": 20}
-"""Keras 3's figures quoted in issue 4 (its author's machine, 20 epochs): not measured here."""
+"""Keras 3's figures quoted with the targets (another machine, 20 epochs): not measured here."""
 
 
 def _model():
@@ -203,8 +204,8 @@ def run(quick: bool = False, repeats: int | None = None, epochs: int | None = No
     t = {n: statistics.median(totals[n]) for n in names}
     step = e["plain JAX, step"]
     epoch_case.notes += [
-        f"fit K=1 / plain step loop = {e['fl.fit K=1'] / step:.2f} (issue 4 target <= 1.05)",
-        f"plain step loop / fit K={steps} = {step / e[big]:.2f} (issue 4 target >= 3); "
+        f"fit K=1 / plain step loop = {e['fl.fit K=1'] / step:.2f} (target <= 1.05)",
+        f"plain step loop / fit K={steps} = {step / e[big]:.2f} (target >= 3); "
         f"plain step loop / fit K={mid} = {step / e[f'fl.fit K={mid}']:.2f}",
         f"fit K={steps} / plain scan loop = {e[big] / e['plain JAX, scan']:.2f}",
     ]
@@ -213,7 +214,7 @@ def run(quick: bool = False, repeats: int | None = None, epochs: int | None = No
         epoch_case.notes.append(f"Keras epoch / fit K={steps} epoch = {ke:.2f} (target >= 4)")
         total_case.notes.append(f"fit K={steps} total / Keras total = {kt:.2f} (target <= 1/3)")
     elif not quick and epochs == KERAS_QUOTED["epochs"]:
-        quoted = f"{keras_missing}; QUOTED from issue 4 (its author's machine), not measured: "
+        quoted = f"{keras_missing}; QUOTED with the targets (another machine), not measured: "
         ke, kt = KERAS_QUOTED["epoch_s"] / e[big], t[big] / KERAS_QUOTED["total_s"]
         epoch_case.notes.append(f"{quoted}Keras 14 ms/epoch / fit K={steps} epoch = {ke:.2f} "
                                 "(target >= 4)")  # fmt: skip
@@ -221,7 +222,7 @@ def run(quick: bool = False, repeats: int | None = None, epochs: int | None = No
                                 "(target <= 1/3)")  # fmt: skip
     else:
         for res in cases:
-            res.notes.append(f"{keras_missing}; the issue's quoted Keras figures are for 20 "
+            res.notes.append(f"{keras_missing}; the quoted Keras figures are for 20 "
                              "epochs of the full split, not compared in this run")  # fmt: skip
     return cases
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU run (issue 8): one command on a machine with an NVIDIA GPU and JAX (CUDA) installed.
+# The GPU run: one command on a machine with an NVIDIA GPU and JAX (CUDA) installed.
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]
 #

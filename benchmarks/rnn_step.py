@@ -13,7 +13,7 @@ then fundl's compile time at 1,024 steps over that at 16 steps (the scan compile
 the ratio should stay near 1; target <= 1.3).
 
 Two hand-written references: the baseline projects the input inside each step; the other
-(the issue's) hoists the input projection out of the scan (one big matmul). On a 2-core CPU
+(the textbook form) hoists the input projection out of the scan (one big matmul). On a 2-core CPU
 the in-step one is ~20% faster (the hoisted ``(time, batch, 4H)`` buffer costs more memory
 traffic than the big matmul saves), which is why ``fl.rnn`` hoists only on GPU and TPU.
 

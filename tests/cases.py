@@ -204,19 +204,19 @@ def multi_head_attention_cases(draw: st.DrawFn) -> LayerCase:
     """
     kv_heads = draw(st.integers(1, 2))
     heads = kv_heads * draw(st.integers(1, 2))
-    head_dim = draw(st.integers(1, 3))
+    head_features = draw(st.integers(1, 3))
     batch, q_len = draw(batch_sizes(2)), draw(st.integers(1, 4))
     cross = draw(st.booleans())
     kv_len = draw(st.integers(1, 4)) if cross else q_len
-    d_q = heads * head_dim if draw(st.booleans()) else draw(feature_sizes(5))
+    d_q = heads * head_features if draw(st.booleans()) else draw(feature_sizes(5))
     explicit_dim = d_q % heads != 0 or draw(st.booleans())
     rope = not cross and draw(st.booleans())
     if rope:
-        head_dim = 2 * head_dim
+        head_features = 2 * head_features
     out = draw(st.one_of(st.none(), feature_sizes(4)))
     layer = fl.multi_head_attention(
         heads,
-        head_dim if (explicit_dim or rope) else None,
+        head_features if (explicit_dim or rope) else None,
         num_kv_heads=kv_heads,
         out_features=out,
         use_bias=draw(st.booleans()),
@@ -239,7 +239,7 @@ def _block_case(draw: st.DrawFn, make: Callable[..., Layer], **extra: Any) -> La
     width = heads * draw(st.integers(1, 3)) * (2 if extra.get("rope_base") else 1)  # RoPE: even
     batch, time = draw(batch_sizes(2)), draw(st.integers(1, 4))
     mlp_features = draw(feature_sizes(6))
-    layer = make(width, heads, hidden=mlp_features, norm=fl.layer_norm, **extra)
+    layer = make(width, heads, mlp_features=mlp_features, norm=fl.layer_norm(), **extra)
     x = draw(normal_arrays((batch, time, width)))
     mask = draw(st.one_of(st.none(), st.just((batch, 1, time))))
     if mask is None:
@@ -464,40 +464,43 @@ def dropout_cases(draw: st.DrawFn) -> LayerCase:
 # --- recurrent layers -----------------------------------------------------------------------
 
 
-def _carry_shapes(kind: str, batch: int, hidden: int) -> Any:
-    return ((batch, hidden), (batch, hidden)) if kind == "lstm" else (batch, hidden)
+def _carry_shapes(kind: str, batch: int, features: int) -> Any:
+    return ((batch, features), (batch, features)) if kind == "lstm" else (batch, features)
 
 
-def _make_cell(kind: str, hidden: int, relu: bool = False) -> Layer:
+def _make_cell(kind: str, features: int, relu: bool = False) -> fl.Cell:
     if kind == "lstm":
-        return fl.lstm_cell(hidden)
+        return fl.lstm_cell(features)
     if kind == "gru":
-        return fl.gru_cell(hidden)
-    return fl.simple_rnn_cell(hidden, activation=jax.nn.relu if relu else jax.nn.tanh)
+        return fl.gru_cell(features)
+    return fl.simple_rnn_cell(features, activation=jax.nn.relu if relu else jax.nn.tanh)
 
 
 @st.composite
-def cells(draw: st.DrawFn, max_hidden: int = 4) -> tuple[str, int, Layer]:
-    """``(kind, hidden, cell)``: an LSTM, GRU or simple (tanh or relu) cell of a tiny size.
+def cells(draw: st.DrawFn, max_features: int = 4) -> tuple[str, int, fl.Cell]:
+    """``(kind, features, cell)``: an LSTM, GRU or simple (tanh or relu) cell of a tiny size.
 
     Args:
-        max_hidden: the largest hidden size drawn.
+        max_features: the largest state size drawn.
     """
     kind = draw(st.sampled_from(["lstm", "gru", "simple"]))
-    hidden = draw(st.integers(1, max_hidden))
-    return kind, hidden, _make_cell(kind, hidden, relu=draw(st.booleans()))
+    features = draw(st.integers(1, max_features))
+    return kind, features, _make_cell(kind, features, relu=draw(st.booleans()))
 
 
 def _cell_case(draw: st.DrawFn, kind: str) -> LayerCase:
-    batch, n_in, hidden = draw(batch_sizes(3)), draw(feature_sizes(3)), draw(feature_sizes(4))
-    cell = _make_cell(kind, hidden, relu=draw(st.booleans()))
+    batch, n_in, features = draw(batch_sizes(3)), draw(feature_sizes(3)), draw(feature_sizes(4))
+    cell = _make_cell(kind, features, relu=draw(st.booleans()))
     x = draw(normal_arrays((batch, n_in)))
     if kind == "lstm":
-        carry: Any = (draw(normal_arrays((batch, hidden))), draw(normal_arrays((batch, hidden))))
+        carry: Any = (
+            draw(normal_arrays((batch, features))),
+            draw(normal_arrays((batch, features))),
+        )
     else:
-        carry = draw(normal_arrays((batch, hidden)))
-    out = (_carry_shapes(kind, batch, hidden), (batch, hidden))
-    return LayerCase(cell, (carry, x), out)
+        carry = draw(normal_arrays((batch, features)))
+    out = (_carry_shapes(kind, batch, features), (batch, features))
+    return LayerCase(cell.layer, (carry, x), out)
 
 
 @st.composite
@@ -530,7 +533,7 @@ def rnn_cases(draw: st.DrawFn) -> LayerCase:
     ``fused_backward`` (whose cases are differentiable in reverse mode only); inputs are
     ``(x,)`` or ``(x, lengths)`` with ``x`` of shape ``(batch, time, in)``.
     """
-    kind, hidden, cell = draw(cells())
+    kind, features, cell = draw(cells())
     batch, time, n_in = draw(batch_sizes(3)), draw(st.integers(1, 4)), draw(feature_sizes(3))
     seqs, with_carry, fused = draw(st.booleans()), draw(st.booleans()), draw(st.booleans())
     layer = fl.rnn(
@@ -544,9 +547,9 @@ def rnn_cases(draw: st.DrawFn) -> LayerCase:
     )
     x = draw(normal_arrays((batch, time, n_in)))
     inputs: tuple[Any, ...] = (x, _lengths(draw, batch, time)) if draw(st.booleans()) else (x,)
-    out: Any = (batch, time, hidden) if seqs else (batch, hidden)
+    out: Any = (batch, time, features) if seqs else (batch, features)
     if with_carry:
-        out = (out, _carry_shapes(kind, batch, hidden))
+        out = (out, _carry_shapes(kind, batch, features))
     return LayerCase(layer, inputs, out, grad_modes=("rev",) if fused else ("fwd", "rev"))
 
 

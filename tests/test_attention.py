@@ -8,6 +8,8 @@ import pytest
 
 import fundl as fl
 
+pytestmark = pytest.mark.numerics  # .ci/run reruns these under a second XLA CPU configuration
+
 KEY = jax.random.key(0)
 IMPLS = ["explicit", "xla"]
 EPS = float(np.finfo(np.float32).eps)

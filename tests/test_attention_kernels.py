@@ -8,6 +8,8 @@ import pytest
 
 import fundl as fl
 
+pytestmark = pytest.mark.numerics  # .ci/run reruns these under a second XLA CPU configuration
+
 IMPLS = ["explicit", "xla"]
 # float32 kernels against a float64 loop: softmax sums of a few terms of size ~1, so the
 # outputs agree to a few float32 ulps of their size; 1e-5 leaves room for reordered sums.

@@ -139,8 +139,8 @@ def test_fit_suite(quick):
             "notes"
         ]
     )
-    assert "fit K=1 / plain step loop = " in notes and "(issue 4 target <= 1.05)" in notes
-    assert "plain step loop / fit K=9 = " in notes and "(issue 4 target >= 3)" in notes
+    assert "fit K=1 / plain step loop = " in notes and "(target <= 1.05)" in notes
+    assert "plain step loop / fit K=9 = " in notes and "(target >= 3)" in notes
 
 
 @pytest.mark.parametrize(("module", "label"), [("flax", "flax linen"), ("equinox", "equinox"),

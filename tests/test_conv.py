@@ -287,10 +287,12 @@ def test_error_rank_does_not_match_kernel():
     assert str(err.value) == (
         "conv(8, (3, 3)): input has shape (28, 28, 1) (rank 3), expected rank 4: (batch, "
         "height, width, features) for a 2-D kernel. Add a batch axis (x[None]) or, for "
-        "one-channel images, a channel axis (x[..., None])."
+        "one-channel images, a channel axis (x[..., None]). Or, for an input with 1 spatial "
+        "axis (length), give kernel_size an int (that size on every spatial axis) or a tuple "
+        "of 1."
     )
-    with pytest.raises(ValueError, match=r"conv\(8, 3\): input has shape \(2, 5, 5, 1\) \(rank 4"):
-        fl.conv(8, 3).init(jax.random.key(0), jnp.zeros((2, 5, 5, 1)))
+    with pytest.raises(ValueError, match=r"conv\(8, \(3,\)\): input has shape \(2, 5, 5, 1\)"):
+        fl.conv(8, (3,)).init(jax.random.key(0), jnp.zeros((2, 5, 5, 1)))
 
 
 def test_error_rank_has_the_path_in_serial():
@@ -308,7 +310,7 @@ def test_error_channels_not_divisible_by_groups():
         "groups=3. Each group convolves channels / groups of them: use a groups value that "
         "divides 4 (groups=4 is depthwise)."
     )
-    with pytest.raises(ValueError, match=r"out_features=4 is not divisible by groups=3"):
+    with pytest.raises(ValueError, match=r"features=4 is not divisible by groups=3"):
         fl.conv(4, (3, 3), groups=3)
 
 

@@ -7,6 +7,8 @@ import pytest
 
 import fundl as fl
 
+pytestmark = pytest.mark.numerics  # .ci/run reruns these under a second XLA CPU configuration
+
 KEY = jax.random.key(0)
 
 

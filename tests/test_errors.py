@@ -93,7 +93,7 @@ def test_not_a_layer():
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match=r"features must be a positive int, got 0"):
         fl.dense(0)
-    with pytest.raises(ValueError, match=r"n must be a positive int, got 0"):
+    with pytest.raises(ValueError, match=r"^fan_out\(times\): times must be a positive int, got 0"):
         fl.fan_out(0)
     with pytest.raises(ValueError, match=r"times must be a positive int, got 0"):
         fl.shared(fl.dense(2), 0)

@@ -57,8 +57,21 @@ def _leaves(tree):
 
 
 def _assert_bitwise(a, b):
+    """For runs of the same compiled programs on the same data: bitwise equal."""
     for u, v in zip(_leaves(a), _leaves(b), strict=True):
         np.testing.assert_array_equal(u, v)
+
+
+# A K-step scan and K single steps (or a step on sliced device data and one on fed batches)
+# are separately compiled programs: XLA may fuse and order their float32 reductions
+# differently on another CPU. A few ulps per step, over the 14 adam steps of these runs,
+# stay far below 1e-5 relative (adam's normalised updates do not amplify them).
+SEPARATELY_COMPILED = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def _assert_close(a, b):
+    for u, v in zip(_leaves(a), _leaves(b), strict=True):
+        np.testing.assert_allclose(u, v, **SEPARATELY_COMPILED)
 
 
 # ---- make_train_step / make_eval_step
@@ -201,9 +214,12 @@ def test_steps_per_call_is_bitwise_equal_to_single_steps(k):
     # 50/8 -> 7 steps per epoch: K=3 gives blocks 3+3 then 1 single step; K=7 one block.
     one, h1 = _fit(epochs=2, metrics={"accuracy": fl.accuracy})
     many, hk = _fit(epochs=2, metrics={"accuracy": fl.accuracy}, steps_per_call=k)
-    _assert_bitwise(one.params, many.params)
-    _assert_bitwise(one.opt_state, many.opt_state)
-    assert h1 == hk
+    _assert_close(one.params, many.params)
+    _assert_close(one.opt_state, many.opt_state)
+    assert [sorted(h) for h in h1] == [sorted(h) for h in hk]
+    for a, b in zip(h1, hk, strict=True):
+        np.testing.assert_allclose([a[m] for m in sorted(a)], [b[m] for m in sorted(a)],
+                                   **SEPARATELY_COMPILED)  # fmt: skip
 
 
 def test_fit_on_an_iterable_of_batches_equals_in_memory_without_shuffle():
@@ -211,7 +227,7 @@ def test_fit_on_an_iterable_of_batches_equals_in_memory_without_shuffle():
     batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 50, 8)]
     a, ha = _fit(data=(x, y), shuffle=False)
     b, hb = fl.fit(_model(), xent, optax.adam(1e-2), batches, epochs=2, seed=0, progress=False)
-    _assert_bitwise(a.params, b.params)
+    _assert_close(a.params, b.params)
     np.testing.assert_allclose(ha[-1]["loss"], hb[-1]["loss"], rtol=1e-6)
 
 

@@ -8,6 +8,8 @@ import pytest
 import fundl as fl
 from fundl.core import Layer, named
 
+pytestmark = pytest.mark.numerics  # .ci/run reruns these under a second XLA CPU configuration
+
 KEY = jax.random.key(0)
 
 
