@@ -22,8 +22,7 @@ import jax.numpy as jnp
 from jax.nn import initializers
 
 from fundl.attention_kernels import IMPLEMENTATIONS, dot_product_attention
-from fundl.combinators import _call
-from fundl.core import Layer, named, renamed
+from fundl.core import Layer, call_at, named, renamed
 from fundl.dense import default_w_init, dense
 from fundl.embedding import _check_room, rotary
 
@@ -197,7 +196,7 @@ def multi_head_attention(
         heads = jax.ShapeDtypeStruct((*q_in.shape[:-1], num_heads * hd), q_in.dtype)
         inputs = {"query": q_in, "key": kv, "value": kv, "out": heads}
         keys = dict(zip(layers, jax.random.split(key, len(layers)), strict=True))
-        params = {part: _call(f"{name}[{part}]", layer.init, keys[part], inputs[part])[0]
+        params = {part: call_at(f"{name}[{part}]", layer.init, keys[part], inputs[part])[0]
                   for part, layer in layers.items()}  # fmt: skip
         if not decode:
             return params, ()
@@ -210,7 +209,7 @@ def multi_head_attention(
         layers = _projections(cfg, hd, params["out"]["w"].shape[1], q_in.dtype)
 
         def project(part, x):
-            return _call(f"{name}[{part}]", layers[part].apply, params[part], (), x)[0]
+            return call_at(f"{name}[{part}]", layers[part].apply, params[part], (), x)[0]
 
         kv = q_in if kv_in is None else kv_in
         q = project("query", q_in).reshape(*q_in.shape[:2], num_heads, hd)  # [B, T, H, D]
@@ -229,7 +228,7 @@ def multi_head_attention(
                 f"{name}: dropout_rate={rate} in training needs a key: "
                 f"apply(..., key=jax.random.key(0), train=True)."
             )
-        out = _call(name, dot_product_attention, q, k, v, mask=mask, is_causal=is_causal,
+        out = call_at(name, dot_product_attention, q, k, v, mask=mask, is_causal=is_causal,
                     query_offset=offset, kv_lengths=state.index if decode else None,
                     dropout_rate=rate, key=key, implementation=implementation)  # fmt: skip
         y = project("out", out.reshape(*out.shape[:2], -1))  # [B, T, H * D] -> [B, T, d_out]

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fundl.core import Layer, layer_name, named, renamed, with_path
+from fundl.core import Layer, call_at, layer_name, named, renamed
 
 __all__ = [
     "as_layer",
@@ -112,7 +112,7 @@ def _children(layers: Sequence[LayerLike], named_layers: dict[str, LayerLike], w
     given = tuple(named_layers.values()) if named_layers else layers
     children = []
     for segment, layer in zip(_segments(who, names, len(given)), given, strict=True):
-        children.append(_call(segment, as_layer, layer))
+        children.append(call_at(segment, as_layer, layer))
     return names, tuple(children)
 
 
@@ -142,13 +142,6 @@ def _split(key: jax.Array | None, n: int) -> list[jax.Array | None]:
 
 def _shape_of(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), tree)
-
-
-def _call(segment: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except (ValueError, TypeError) as err:
-        raise with_path(err, segment) from None
 
 
 def serial(*layers: LayerLike, **named_layers: LayerLike) -> Layer:
@@ -182,8 +175,8 @@ def serial(*layers: LayerLike, **named_layers: LayerLike) -> Layer:
     def init(key, *inputs):
         params, states = [], []
         for segment, child, k in zip(segments, children, _split(key, len(children)), strict=True):
-            p, s = _call(segment, child.init, k, *inputs)
-            out, _ = _call(segment, jax.eval_shape, partial(child.apply, key=k), p, s, *inputs)
+            p, s = call_at(segment, child.init, k, *inputs)
+            out, _ = call_at(segment, jax.eval_shape, partial(child.apply, key=k), p, s, *inputs)
             inputs = (out,)
             params.append(p)
             states.append(s)
@@ -196,7 +189,7 @@ def serial(*layers: LayerLike, **named_layers: LayerLike) -> Layer:
         new_states = []
         keys = _split(key, n)
         for segment, child, p, s, k in zip(segments, children, params, state, keys, strict=True):
-            out, s = _call(segment, child.apply, p, s, *inputs, key=k, train=train)
+            out, s = call_at(segment, child.apply, p, s, *inputs, key=k, train=train)
             inputs = (out,)
             new_states.append(s)
         return inputs[0], _pack(names, new_states)
@@ -236,7 +229,7 @@ def parallel(*layers: LayerLike, **named_layers: LayerLike) -> Layer:
     def init(key, *inputs):
         inputs = split_inputs(inputs)
         pairs = [
-            _call(seg, child.init, k, x)
+            call_at(seg, child.init, k, x)
             for seg, child, k, x in zip(segments, children, _split(key, n), inputs, strict=True)
         ]
         return _pack(names, [p for p, _ in pairs]), _pack(names, [s for _, s in pairs])
@@ -249,7 +242,7 @@ def parallel(*layers: LayerLike, **named_layers: LayerLike) -> Layer:
         for seg, child, p, s, k, x in zip(
             segments, children, params, state, _split(key, n), inputs, strict=False
         ):
-            out, s = _call(seg, child.apply, p, s, x, key=k, train=train)
+            out, s = call_at(seg, child.apply, p, s, x, key=k, train=train)
             outs.append(out)
             new_states.append(s)
         return tuple(outs), _pack(names, new_states)
@@ -339,7 +332,7 @@ def residual(layer: LayerLike) -> Layer:
     label = f"residual({layer_name(child)})"
 
     def apply(params, state, x, key=None, train=False):
-        y, state = _call("residual", child.apply, params, state, x, key=key, train=train)
+        y, state = call_at("residual", child.apply, params, state, x, key=key, train=train)
         if jnp.shape(y) != jnp.shape(x):
             raise ValueError(
                 f"{label}: the branch maps shape {jnp.shape(x)} to {jnp.shape(y)}; a residual "
@@ -349,7 +342,7 @@ def residual(layer: LayerLike) -> Layer:
         return x + y, state
 
     def init(key, x):
-        return _call("residual", child.init, key, x)
+        return call_at("residual", child.init, key, x)
 
     return named(Layer(init, apply), label, (("residual", child),))
 
@@ -370,11 +363,11 @@ def shared(layer: LayerLike, times: int) -> Layer:
         raise ValueError(f"shared(layer, times): times must be a positive int, got {times!r}.")
 
     def init(key, *inputs):
-        return _call("shared", child.init, key, *inputs)
+        return call_at("shared", child.init, key, *inputs)
 
     def apply(params, state, *inputs, key=None, train=False):
         for k in _split(key, times):
-            out, state = _call("shared", child.apply, params, state, *inputs, key=k, train=train)
+            out, state = call_at("shared", child.apply, params, state, *inputs, key=k, train=train)
             inputs = (out,)
         return inputs[0], state
 
@@ -442,9 +435,9 @@ def repeat(layer: LayerLike, times: int, *, unroll: int = 1) -> Layer:
 
     def init(key, x, *rest):
         keys = jax.random.split(key, times)
-        params, state = _call("repeat", jax.vmap(lambda k: child.init(k, x, *rest)), keys)
+        params, state = call_at("repeat", jax.vmap(lambda k: child.init(k, x, *rest)), keys)
         first = jax.tree_util.tree_map(lambda a: a[0], (params, state))
-        y, _ = _call("repeat", jax.eval_shape,
+        y, _ = call_at("repeat", jax.eval_shape,
                      partial(child.apply, key=keys[0]), *first, x, *rest)  # fmt: skip
         check_carry(x, y)
         return params, state
@@ -461,7 +454,7 @@ def repeat(layer: LayerLike, times: int, *, unroll: int = 1) -> Layer:
 
         def body(h, xs):
             p, s, k = xs
-            y, s = _call("repeat", child.apply, p, s, h, *rest, key=k, train=train)
+            y, s = call_at("repeat", child.apply, p, s, h, *rest, key=k, train=train)
             check_carry(h, y)
             return y, s
 

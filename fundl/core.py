@@ -27,6 +27,7 @@ __all__ = [
     "default_float_dtype",
     "check_floating",
     "with_path",
+    "call_at",
     "renamed",
 ]
 
@@ -302,6 +303,24 @@ def renamed(*, note_: str = "", **new_names: str) -> Callable[[F], F]:
         return checked  # type: ignore[return-value]
 
     return decorate
+
+
+def call_at(segment: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``; a ``ValueError`` or ``TypeError`` it raises gets ``segment``.
+
+    How combinators call their children: an error names the child's place in the model
+    (see :func:`with_path`).
+
+    Args:
+        segment: the child's position, e.g. ``"serial[2]"``.
+        fn: the function to call, e.g. ``child.apply``.
+        *args: its positional arguments.
+        **kwargs: its keyword arguments.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise with_path(err, segment) from None
 
 
 def flat_matmul(x: jax.Array, w: jax.Array) -> jax.Array:

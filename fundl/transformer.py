@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from fundl.attention import multi_head_attention
-from fundl.combinators import _call, residual, serial
-from fundl.core import Layer, layer_name, named, renamed
+from fundl.combinators import residual, serial
+from fundl.core import Layer, call_at, layer_name, named, renamed
 from fundl.dense import dense
 from fundl.dropout import dropout
 from fundl.norm import layer_norm
@@ -62,8 +62,8 @@ def attention_residual(attention: Layer, norm: Layer, dropout: Layer | None = No
         h = x
         for n, child in children.items():
             ins = (h, None, mask) if n == "attn" else (h,)
-            params[n], state[n] = _call(segments[n], child.init, keys[n], *ins)
-            h, _ = _call(segments[n], jax.eval_shape,
+            params[n], state[n] = call_at(segments[n], child.init, keys[n], *ins)
+            h, _ = call_at(segments[n], jax.eval_shape,
                          lambda p, s, *a, c=child, k=keys[n]: c.apply(p, s, *a, key=k),
                          params[n], state[n], *ins)  # fmt: skip
         return params, state
@@ -78,7 +78,7 @@ def attention_residual(attention: Layer, norm: Layer, dropout: Layer | None = No
         h = x
         for n, child in children.items():
             ins = (h, None, mask) if n == "attn" else (h,)
-            h, new_state[n] = _call(segments[n], child.apply, params[n], state[n], *ins,
+            h, new_state[n] = call_at(segments[n], child.apply, params[n], state[n], *ins,
                                     key=keys[n], train=train)  # fmt: skip
         if jnp.shape(h) != jnp.shape(x):
             raise ValueError(

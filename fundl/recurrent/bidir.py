@@ -8,8 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fundl.core import Layer, layer_info, layer_name, named
-from fundl.recurrent.scan import call
+from fundl.core import Layer, call_at, layer_info, layer_name, named
 
 __all__ = ["bidirectional"]
 
@@ -108,14 +107,14 @@ def bidirectional(
         params, state = {}, {}
         carries = _split_carry(name, carry)
         for (d, layer), k, c in zip(layers.items(), jax.random.split(key), carries, strict=True):
-            params[d], state[d] = call(f"bidirectional.{d}", layer.init, k, x, lengths, c)
+            params[d], state[d] = call_at(f"bidirectional.{d}", layer.init, k, x, lengths, c)
         return params, state
 
     def apply(params, state, x, lengths=None, carry=None, *, key=None, train=False):
         keys = (None, None) if key is None else jax.random.split(key)
         outs, new_state = {}, {}
         for (d, layer), k, c in zip(layers.items(), keys, _split_carry(name, carry), strict=True):
-            outs[d], new_state[d] = call(f"bidirectional.{d}", layer.apply, params[d],
+            outs[d], new_state[d] = call_at(f"bidirectional.{d}", layer.apply, params[d],
                                          state[d], x, lengths, c, key=k, train=train)  # fmt: skip
         of, ob = outs["forward"], outs["backward"]
         if with_carry:

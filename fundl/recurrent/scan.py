@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fundl.core import Layer, check_floating, named, with_path
+from fundl.core import Layer, call_at, check_floating, named
 from fundl.recurrent.cells import Carry, Cell, as_cell
 from fundl.recurrent.fused import fused_scan
 
@@ -34,14 +34,6 @@ class _Options(NamedTuple):
     name: str
     reverse: bool
     unroll: int | bool
-
-
-def call(segment: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``, with ``segment`` prefixed to its errors' messages."""
-    try:
-        return fn(*args, **kwargs)
-    except (ValueError, TypeError) as err:
-        raise with_path(err, segment) from None
 
 
 def _spec(tree: Any) -> Any:
@@ -153,7 +145,7 @@ def _generic_scan(cell: Cell, opts: _Options, params, state, carry, x, masks, ke
 
     def step(c, s, x_t, t):
         k = None if key is None else jax.random.fold_in(key, t)
-        return call("rnn", cell.apply, params, s, c, x_t, key=k, train=train)
+        return call_at("rnn", cell.apply, params, s, c, x_t, key=k, train=train)
 
     xs = jnp.swapaxes(x, 0, 1)  # [T, B, in]
     steps = jnp.arange(x.shape[1], dtype=jnp.int32)  # for dropout keys
@@ -165,7 +157,7 @@ def _in_step_scan(cell: Cell, opts: _Options, params, state, carry, x, masks, ke
     del key, train
     parts = cell.parts
     xs = jnp.swapaxes(x, 0, 1)  # [T, B, in]
-    call("rnn", jax.eval_shape, parts.project, params, x[:, :1])  # shape checks
+    call_at("rnn", jax.eval_shape, parts.project, params, x[:, :1])  # shape checks
 
     def step(c, s, x_t, t):
         del t
@@ -178,7 +170,7 @@ def _hoisted_scan(cell: Cell, opts: _Options, params, state, carry, x, masks, ke
     """A built-in cell, every step's input projected before the loop in one matmul."""
     del key, train
     parts = cell.parts
-    xs = jnp.swapaxes(call("rnn", parts.project, params, x), 0, 1)  # [T, B, G]
+    xs = jnp.swapaxes(call_at("rnn", parts.project, params, x), 0, 1)  # [T, B, G]
 
     def step(c, s, xp_t, t):
         del t
@@ -193,10 +185,10 @@ def _fused_scan(
     """A built-in cell with the params' gradients fused after the backward loop."""
     del key, train
     parts = cell.parts
-    call("rnn", jax.eval_shape, parts.project, params, x[:, :1])  # shape checks
+    call_at("rnn", jax.eval_shape, parts.project, params, x[:, :1])  # shape checks
     xs = jnp.swapaxes(x, 0, 1)  # [T, B, in]
     if hoisted:
-        xs = call("rnn", parts.project, params, xs)  # [T, B, G]
+        xs = call_at("rnn", parts.project, params, xs)  # [T, B, G]
     masked = functools.partial(_masked, opts.name)
     scan = fused_scan(parts, masked, hoisted, opts.reverse, opts.unroll)
     carry, ys = scan(params, carry, xs, masks)
@@ -341,7 +333,7 @@ def rnn(
         _time_mask(opts.name, x, lengths)
         carry = _start_carry(opts.name, cell, carry, x, abstract=True)
         x_t = jax.ShapeDtypeStruct((x.shape[0], x.shape[2]), x.dtype)
-        return call("rnn", cell.init, key, carry, x_t)
+        return call_at("rnn", cell.init, key, carry, x_t)
 
     def apply(params, state, x, lengths=None, carry=None, *, key=None, train=False):
         _check_input(opts.name, x)
