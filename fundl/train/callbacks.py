@@ -1,17 +1,20 @@
 """Callbacks: functions ``callback(epoch, logs, train_state)`` that ``fit`` calls after each
-epoch, the early-stopping one, and the progress bar."""
+epoch, the early-stopping one, and the progress bar (tqdm.auto: a widget in notebooks, text
+in terminals, none in logs)."""
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from fundl.train.state import TrainState
+from fundl.train.steps import means
 
 __all__ = ["StopTraining", "early_stopping"]
 
@@ -116,11 +119,83 @@ def early_stopping(
     return callback
 
 
-def progress_bar(progress: bool | None, total: int | None):
-    """A tqdm bar of ``total`` steps (unknown when ``None`` or 0), or ``None`` for none;
-    ``progress=None`` shows it only when stderr is a terminal."""
-    if not (sys.stderr.isatty() if progress is None else bool(progress)):
-        return None
-    from tqdm.auto import tqdm
+def show_progress(progress: bool | None) -> bool:
+    """Whether ``fit`` shows its bar: ``progress`` when given; for ``None``, in a terminal or
+    a Jupyter notebook, and not where stderr goes to a file or a pipe (CI logs, ``nohup``),
+    where a bar redrawn in place is noise."""
+    if progress is not None:
+        return bool(progress)
+    stderr = sys.stderr
+    return (stderr is not None and stderr.isatty()) or in_notebook()
 
-    return tqdm(total=total or None, unit="step", dynamic_ncols=True)
+
+def in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (notebook, JupyterLab, VS Code, Colab)."""
+    ipython = sys.modules.get("IPython")  # a kernel has imported it; never imported here
+    shell = ipython.get_ipython() if ipython is not None else None
+    return getattr(shell, "kernel", None) is not None  # terminal IPython has no kernel
+
+
+def progress_bar(
+    progress: bool | None,
+    total: int | None,
+    names: Sequence[str] = (),
+    epochs: int | None = None,
+    *,
+    every: float = 1.0,
+    file: Any = None,
+) -> ProgressBar | None:
+    """``fit``'s bar of ``total`` steps (unknown when ``None`` or 0), or ``None`` for none
+    (see :func:`show_progress`). ``names`` are the step's logged values (``loss``, then the
+    metrics) in the order of ``fit``'s device sums; ``file`` defaults to stderr."""
+    if not show_progress(progress):
+        return None
+    from tqdm.auto import tqdm  # a widget in a notebook, text elsewhere
+
+    bar = tqdm(total=total or None, unit="step", dynamic_ncols=True, file=file)
+    return ProgressBar(bar, tuple(names), epochs, every)
+
+
+class ProgressBar:
+    """``fit``'s tqdm bar: the epoch on its description, the logs on its postfix.
+
+    During an epoch the postfix shows the epoch's running means (and the last epoch's
+    ``val_*``). They come from the device sums ``acc`` that ``fit`` folds each step's logs
+    into; reading them waits for the steps queued so far (a device-to-host transfer), so
+    :meth:`update` reads them at most once every ``every`` seconds, never once per step. At
+    the epoch's end :meth:`set_postfix` shows its full logs.
+    """
+
+    def __init__(self, bar: Any, names: tuple[str, ...], epochs: int | None, every: float):
+        self.bar, self.names, self.epochs, self.every = bar, names, epochs, every
+        self.read_at = time.monotonic()  # when acc was last read
+        self.val: dict[str, Any] = {}  # the last epoch's val_* logs
+
+    def start_epoch(self, epoch: int) -> None:
+        """Shows ``epoch i/n`` (``epoch i`` when the number of epochs is unknown)."""
+        of = "" if self.epochs is None else f"/{self.epochs}"
+        self.bar.set_description(f"epoch {epoch}{of}", refresh=False)
+
+    def update(self, steps: int, acc: jax.Array | None = None) -> None:
+        """Advances ``steps``; with ``acc`` (the epoch's sums on the device, see
+        ``fundl.train.steps.accumulate``), shows its running means when ``every`` seconds
+        have passed since the last read."""
+        if acc is not None and self.names and time.monotonic() - self.read_at >= self.every:
+            self.read_at = time.monotonic()
+            running = means(acc, list(self.names))
+            self.bar.set_postfix(format_logs({**running, **self.val}), refresh=False)
+        self.bar.update(steps)
+
+    def set_postfix(self, logs: Mapping[str, Any]) -> None:
+        """Shows the epoch's logs (its history entry; ``epoch`` is on the description)."""
+        logs = {k: v for k, v in logs.items() if k != "epoch"}
+        self.val = {k: v for k, v in logs.items() if k.startswith("val_")}
+        self.bar.set_postfix(format_logs(logs))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def format_logs(logs: Mapping[str, Any]) -> dict[str, str]:
+    """``{name: "0.1234"}``: numbers in ``.4g``, strings as they are."""
+    return {k: v if isinstance(v, str) else f"{v:.4g}" for k, v in logs.items()}
