@@ -5,7 +5,8 @@ conv 3x3 (32) -> batch_norm -> relu -> conv 3x3 (64) -> batch_norm -> relu -> ma
 adam on the UCI digits that ship with fundl (1,438 training and 359 held-out 8x8 images,
 given a channel axis: (batch, 8, 8, 1)). The train step carries the batch_norm state and a
 fresh dropout key; evaluation runs in inference mode (running statistics, no dropout).
-Saves the loss curve as a PNG when matplotlib is installed (``pip install fundl[plot]``).
+Saves the loss and held-out accuracy curves (``fl.plot_history``) as a PNG when matplotlib
+is installed (``pip install fundl[plot]``).
 
     python examples/cnn_digits.py [--epochs 15] [--batch-size 32] [--plot cnn_digits_loss.png]
 """
@@ -51,25 +52,6 @@ def evaluate(params, state, x, y):
     return fl.accuracy(logits, y)
 
 
-def save_loss_curve(losses: list[float], path: str) -> bool:
-    """Plots the mean training loss per epoch to ``path``; False if matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(range(1, len(losses) + 1), losses, marker="o")
-    ax.set(xlabel="epoch", ylabel="training loss", yscale="log", title="CNN on the digits")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 def main(
     epochs: int = 15,
     batch_size: int = 32,
@@ -83,7 +65,7 @@ def main(
     opt_state = optimizer.init(params)
     rng = np.random.default_rng(seed)
     steps = len(x_train) // batch_size  # drop the last partial batch: one compiled shape
-    curve = []
+    history = []  # one dict per epoch, as fl.fit returns
     for epoch in range(1, epochs + 1):
         order = rng.permutation(len(x_train))
         losses = []
@@ -95,13 +77,15 @@ def main(
             )
             losses.append(loss)
         acc = float(evaluate(params, state, x_test, y_test))
-        curve.append(float(jnp.mean(jnp.stack(losses))))
-        print(f"epoch {epoch:2d}  loss {curve[-1]:.4f}  held-out accuracy {acc:.4f}")
+        history.append({"epoch": epoch, "loss": float(jnp.mean(jnp.stack(losses))),
+                        "val_accuracy": acc})  # fmt: skip
+        print(f"epoch {epoch:2d}  loss {history[-1]['loss']:.4f}  held-out accuracy {acc:.4f}")
     print(f"held-out accuracy: {acc:.4f}")
     if plot:
-        if save_loss_curve(curve, plot):
+        try:
+            fl.plot_history(history).savefig(plot, dpi=120)  # loss and held-out accuracy
             print(f"loss curve saved to {plot}")
-        else:
+        except ImportError:
             print("matplotlib is not installed: no loss curve (pip install 'fundl[plot]')")
     return acc
 

@@ -48,6 +48,7 @@ from fundl.embedding import (
 )
 from fundl.metrics import accuracy, masked_mean
 from fundl.norm import BatchNormState, batch_norm, group_norm, layer_norm, rms_norm
+from fundl.plot import plot_history
 from fundl.pooling import avg_pool, global_avg_pool, global_max_pool, max_pool
 from fundl.recurrent import (
     Cell,
@@ -165,6 +166,7 @@ __all__ = [
     "accuracy",
     "masked_mean",
     "summary",
+    "plot_history",
     # submodules
     "checkpoint",
     "datasets",
