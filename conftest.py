@@ -9,6 +9,7 @@
 - Tests marked ``slow`` run only with ``FUNDL_SLOW=1`` (``.ci/run`` sets it).
 """
 
+import importlib.util
 import os
 
 import jax
@@ -25,6 +26,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 
 def pytest_collection_modifyitems(config, items):
+    if importlib.util.find_spec("matplotlib") is None:  # an optional extra: fundl[plot]
+        no_plot = pytest.mark.skip(reason='matplotlib is not installed (pip install "fundl[plot]")')
+        for item in items:
+            if item.name.startswith("fundl.plot."):
+                item.add_marker(no_plot)
     if os.environ.get("FUNDL_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow: run with FUNDL_SLOW=1")

@@ -33,8 +33,8 @@ def plot_history(
     result, or the notebook draws it twice).
 
     Example:
-        >>> import pytest; mpl = pytest.importorskip("matplotlib")  # skipped without it
-        >>> mpl.use("Agg")  # draw to files, not to a window
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")  # draw to files, not to a window
         >>> import fundl as fl
         >>> history = [{"epoch": 1, "loss": 0.9, "accuracy": 0.6, "val_loss": 1.0},
         ...            {"epoch": 2, "loss": 0.5, "accuracy": 0.8, "val_loss": 0.7}]

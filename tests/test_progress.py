@@ -138,5 +138,6 @@ def test_fit_shows_the_epoch_logs_on_the_bar(capsys):
            metrics={"accuracy": fl.accuracy}, progress=True)  # fmt: skip
     err = capsys.readouterr().err
     assert "4/4" in err
+    assert "epoch 2/2" in err
     for name in ("loss=", "accuracy=", "val_loss=", "val_accuracy="):
         assert name in err

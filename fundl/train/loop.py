@@ -114,8 +114,11 @@ def fit(
             or raise :class:`StopTraining` to end training (see :func:`early_stopping`). The train
             state's buffers are donated to the next step: copy what you keep
             (``jax.device_get``).
-        progress: show a tqdm progress bar; ``None`` shows it only when stderr is a
-            terminal.
+        progress: show a tqdm progress bar (``tqdm.auto``: a widget in a notebook, text in a
+            terminal) with the epoch, the epoch's running loss and metrics (read from the
+            device at most once a second, never per step) and the last epoch's ``val_*``;
+            ``None`` shows it in a terminal or a Jupyter notebook and hides it where stderr
+            is a file or a pipe (CI logs).
         train_state: start from this state (e.g. pretrained params) instead of initializing.
         on_nonfinite: ``"stop"`` (raise :class:`NonFiniteLossError` naming the step, at the
             end of its epoch or at the next checkpoint, whichever is first; no checkpoint is
@@ -173,19 +176,21 @@ def fit(
     core = train_core(model, loss, optimizer, metrics, on_nonfinite, loss_scale)
     steps = block_steps(core, source.take, names, policy.per_example, place, run_key)
     feed, history = place.put(source.feed), list(begin.history)
-    bar = progress_bar(progress, (epochs - begin.epoch + 1) * (source.steps or 0))
+    bar = progress_bar(progress, (epochs - begin.epoch + 1) * (source.steps or 0), names, epochs)
     epoch, stop, gstep = begin.epoch - 1, None, int(ts.step)  # gstep: the global step
     try:
         for epoch in range(begin.epoch, epochs + 1):
             resumed = epoch == begin.epoch
             acc = place.put(zero_sums(names, begin.sums if resumed else None))
             blocks = source.blocks(epoch, begin.position if resumed else 0, steps_per_call, policy)
+            if bar is not None:
+                bar.start_epoch(epoch)
             for block in blocks:
                 step = steps.many if block.steps > 1 else steps.one
                 ts, acc = step((ts, acc), feed, block.rows)
                 gstep, before = gstep + block.steps, gstep
                 if bar is not None:
-                    bar.update(block.steps)
+                    bar.update(block.steps, acc)
                 if run.due(before, gstep):
                     check_nonfinite(ts._replace(key=run_key), epoch)
                     sums = np.asarray(acc).tolist()
@@ -194,7 +199,7 @@ def fit(
             entry = {"epoch": epoch, **_epoch_logs(acc, names), **evaluate_epoch(ts)}
             history.append(entry)
             if bar is not None:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k != "epoch"})
+                bar.set_postfix(entry)
             stop = call_callbacks(callbacks, epoch, entry, ts._replace(key=run_key))
             if stop is not None:
                 ts = ts if stop.train_state is None else stop.train_state._replace(key=None)
