@@ -59,6 +59,7 @@ from fundl.recurrent import (
     rnn,
     simple_rnn_cell,
 )
+from fundl.remat import remat
 from fundl.summary import summary
 from fundl.train import (
     NonFiniteLossError,
@@ -94,6 +95,7 @@ __all__ = [
     "residual",
     "shared",
     "repeat",
+    "remat",
     "function",
     "identity",
     "as_layer",
