@@ -1,4 +1,5 @@
-"""Gradient accumulation in fit: N micro-batches make the update of one batch N times larger."""
+"""fit's gradient accumulation (N micro-batches make one batch N times larger), and the
+learning rate in its history."""
 
 from __future__ import annotations
 
@@ -98,3 +99,17 @@ def test_a_model_with_state_updates_it_per_micro_batch_in_order():
 def test_a_bad_count_says_what_it_needs(bad):
     with pytest.raises(ValueError, match=r"fit: num_micro_batches must be a positive int \("):
         _fit(_data(), batch_size=8, num_micro_batches=bad)
+
+
+def test_history_has_the_learning_rate_of_a_scheduled_optimizer():
+    """5 optimizer steps an epoch (each of 2 micro-batches): a schedule counts those."""
+    schedule = optax.linear_schedule(0.1, 0.0, 10)
+    optimizer = optax.chain(
+        optax.clip(1.0), optax.inject_hyperparams(optax.sgd)(learning_rate=schedule)
+    )
+    _, history = _fit(_data(40), optimizer, batch_size=4, num_micro_batches=2)
+    # the rate of each epoch's last update: steps 4 and 9 of the schedule
+    rates = [h["learning_rate"] for h in history]
+    np.testing.assert_allclose(rates, [0.1 * (1 - 4 / 10), 0.1 * (1 - 9 / 10)], rtol=1e-6)
+    _, plain = _fit(_data(40), optax.sgd(schedule), batch_size=8)
+    assert "learning_rate" not in plain[0]  # optax.sgd(schedule) keeps no rate to read

@@ -156,7 +156,10 @@ def fit(
     Returns:
         ``(train_state, history)``: the final :class:`TrainState` and a list with one dict
         of floats per epoch (``epoch``, ``loss``, metrics, ``val_*``, ``skipped`` when
-        updates were skipped).
+        updates were skipped, and ``learning_rate``, the rate of the epoch's last update,
+        when the optimizer records it: wrap it as
+        ``optax.inject_hyperparams(optax.adam)(learning_rate=schedule)``, whose state keeps
+        its hyperparameters; a plain ``optax.adam(schedule)`` keeps only a step count).
 
     Raises:
         NonFiniteLossError: on a NaN/inf loss with ``on_nonfinite="stop"``.
@@ -206,7 +209,8 @@ def fit(
                     sums = np.asarray(acc).tolist()
                     run.save(ts._replace(key=run_key), epoch, block.position, sums, history)
             check_nonfinite(ts._replace(key=run_key), epoch)
-            entry = {"epoch": epoch, **_epoch_logs(acc, names), **evaluate_epoch(ts)}
+            logs = {**_epoch_logs(acc, names), **_learning_rate(ts.opt_state)}
+            entry = {"epoch": epoch, **logs, **evaluate_epoch(ts)}
             history.append(entry)
             if bar is not None:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k != "epoch"})
@@ -294,6 +298,17 @@ def _evaluator(model, loss, metrics, names, eval_data, batch_size, place, policy
         return {"val_" + k: v for k, v in logs.items()}
 
     return evaluate_epoch
+
+
+def _learning_rate(opt_state: Any) -> dict[str, float]:
+    """``{"learning_rate": rate}`` of the last update where the optimizer state records it
+    (``optax.inject_hyperparams``, anywhere in a chain), else ``{}``."""
+    nodes = jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: hasattr(x, "hyperparams"))
+    for node in nodes:
+        hyperparams = getattr(node, "hyperparams", None)
+        if isinstance(hyperparams, Mapping) and "learning_rate" in hyperparams:
+            return {"learning_rate": float(np.asarray(hyperparams["learning_rate"]))}
+    return {}
 
 
 def _epoch_logs(acc: jax.Array, names: list[str]) -> dict[str, float]:
