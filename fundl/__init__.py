@@ -60,6 +60,7 @@ from fundl.recurrent import (
     rnn,
     simple_rnn_cell,
 )
+from fundl.remat import remat
 from fundl.summary import summary
 from fundl.train import (
     NonFiniteLossError,
@@ -95,6 +96,7 @@ __all__ = [
     "residual",
     "shared",
     "repeat",
+    "remat",
     "function",
     "identity",
     "as_layer",

@@ -380,7 +380,7 @@ def identity() -> Layer:
 
 
 @renamed(n="times")
-def repeat(layer: LayerLike, times: int, *, unroll: int = 1) -> Layer:
+def repeat(layer: LayerLike, times: int, *, unroll: int = 1, remat: bool = False) -> Layer:
     """``times`` copies of a layer, each with its own params, applied one after another by a scan.
 
     The copies' params (and state) are stacked on a new leading axis of size ``times`` and the
@@ -409,6 +409,11 @@ def repeat(layer: LayerLike, times: int, *, unroll: int = 1) -> Layer:
         unroll: passed to ``jax.lax.scan``: copies per loop iteration (more can run faster
             and compiles slower). ``unroll=times`` removes the loop (params stay stacked),
             which lets XLA fuse across blocks; ``benchmarks/RESULTS.md`` has measurements.
+        remat: recompute each copy's activations in the backward pass (``jax.checkpoint``
+            on the scan's body): the gradient then keeps only each copy's input, not its
+            intermediates, for about one more forward pass of compute. The usual memory
+            lever of a deep stack. To save some intermediates (a policy), repeat a
+            :func:`fundl.remat` layer instead: ``repeat(fl.remat(block, policy), times)``.
 
     Returns:
         A :class:`~fundl.Layer` whose params and state are the layer's, with a leading axis
@@ -418,6 +423,12 @@ def repeat(layer: LayerLike, times: int, *, unroll: int = 1) -> Layer:
     if not isinstance(times, int) or isinstance(times, bool) or times < 1:
         raise ValueError(f"repeat(layer, times): times must be a positive int, got {times!r}.")
     label = f"repeat({layer_name(child)}, {times})"
+    if not isinstance(remat, bool):
+        raise TypeError(
+            f"{label}: remat must be True or False, got {type(remat).__name__}. For a "
+            f"checkpoint policy, repeat a remat layer: fl.repeat(fl.remat(layer, policy), "
+            f"{times})."
+        )
 
     def check_carry(x, y):
         xs, ys = _shape_of(x), _shape_of(y)
@@ -458,6 +469,8 @@ def repeat(layer: LayerLike, times: int, *, unroll: int = 1) -> Layer:
             check_carry(h, y)
             return y, s
 
+        if remat:  # prevent_cse is not needed inside a scan, which keeps the passes apart
+            body = jax.checkpoint(body, prevent_cse=False)
         return jax.lax.scan(body, x, (params, state, keys), unroll=unroll)
 
     return named(Layer(init, apply), label, (("repeat", child),))

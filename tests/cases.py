@@ -120,6 +120,16 @@ def branch_cases(draw: st.DrawFn) -> LayerCase:
 
 
 @st.composite
+def remat_cases(draw: st.DrawFn) -> LayerCase:
+    """``remat`` of a two-layer MLP, with no policy or ``dots_saveable``."""
+    batch, n_in, out = draw(batch_sizes()), draw(feature_sizes()), draw(feature_sizes())
+    body = fl.serial(fl.dense(out), draw(activations()), fl.dense(out))
+    policy = draw(st.sampled_from([None, jax.checkpoint_policies.dots_saveable]))
+    x = draw(normal_arrays((batch, n_in)))
+    return LayerCase(fl.remat(body, policy), (x,), (batch, out))
+
+
+@st.composite
 def residual_cases(draw: st.DrawFn) -> LayerCase:
     """``residual`` around a two-layer MLP that preserves the width."""
     batch, width, hidden = draw(batch_sizes()), draw(feature_sizes()), draw(feature_sizes())
@@ -262,11 +272,11 @@ def decoder_block_cases(draw: st.DrawFn) -> LayerCase:
 
 @st.composite
 def repeat_cases(draw: st.DrawFn) -> LayerCase:
-    """``fl.repeat`` of a width-preserving MLP or a decoder block, 1 to 3 copies."""
+    """``fl.repeat`` of a width-preserving MLP (remat or not) or a decoder block, 1 to 3 copies."""
     n = draw(st.integers(1, 3))
     if draw(st.booleans()):
         batch, width = draw(batch_sizes()), draw(feature_sizes())
-        layer = fl.repeat(fl.serial(fl.dense(width), jax.nn.tanh), n)
+        layer = fl.repeat(fl.serial(fl.dense(width), jax.nn.tanh), n, remat=draw(st.booleans()))
         return LayerCase(layer, (draw(normal_arrays((batch, width))),), (batch, width))
     case = _block_case(draw, fl.decoder_block)
     return case._replace(layer=fl.repeat(case.layer, n))

@@ -28,6 +28,7 @@ LAYERS = [
     Descriptor("parallel", cases.parallel_cases()),
     Descriptor("branch", cases.branch_cases()),
     Descriptor("residual", cases.residual_cases()),
+    Descriptor("remat", cases.remat_cases()),
     Descriptor("shared", cases.shared_cases()),
     Descriptor("embedding", cases.embedding_cases()),
     Descriptor("sinusoidal_positions", cases.sinusoidal_positions_cases()),

@@ -12,13 +12,14 @@ import optax
 
 from fundl.core import Layer
 from fundl.train.callbacks import Callback, call_callbacks, progress_bar
-from fundl.train.data import Policy, batches, check_batch, eval_batches
+from fundl.train.data import Iterable, Policy, batches, check_batch, eval_batches, n_examples
 from fundl.train.placement import Placement, placement
 from fundl.train.run import check_nonfinite, open_run, start
 from fundl.train.state import TrainState, start_state
 from fundl.train.steps import (
     Loss,
     Metric,
+    accumulating_core,
     block_steps,
     eval_block_step,
     eval_core,
@@ -47,6 +48,7 @@ def fit(
     eval_batch_size: int = 256,
     metrics: Mapping[str, Metric] | None = None,
     steps_per_call: int = 1,
+    num_micro_batches: int = 1,
     shuffle: bool = True,
     drop_remainder: bool = False,
     callbacks: Sequence[Callback] = (),
@@ -106,7 +108,17 @@ def fit(
         metrics: ``{name: metric(outputs, targets)}``, e.g. ``{"accuracy": fl.accuracy}``.
         steps_per_call: ``K``: steps per dispatch for in-memory data. The epoch's batches
             run in blocks of K inside one compiled ``lax.scan`` (leftover steps singly), with
-            the same results as K single steps.
+            the same results as K single steps. K counts optimizer steps, each of
+            ``num_micro_batches`` micro-batches.
+        num_micro_batches: ``N``: gradient accumulation. Each optimizer step takes ``N``
+            micro-batches of ``batch_size`` examples (for an iterable, each of its batches
+            is split into ``N``; its size must be a multiple of ``N``), sums their gradients
+            inside the step's ``lax.scan`` and updates once: the same update as one step on a
+            batch of ``N * batch_size`` (the mean over every valid example, a masked partial
+            batch included), with the activation memory of one micro-batch.
+            ``train_state.step``, ``steps_per_call``, ``checkpoint_every`` and the progress
+            bar count optimizer steps. A model's state (batch norm's statistics) is updated
+            by each micro-batch in turn.
         shuffle: shuffle in-memory examples each epoch.
         drop_remainder: drop the last partial batch instead of padding it.
         callbacks: functions ``callback(epoch, logs, train_state)`` called after each epoch
@@ -147,21 +159,25 @@ def fit(
     Returns:
         ``(train_state, history)``: the final :class:`TrainState` and a list with one dict
         of floats per epoch (``epoch``, ``loss``, metrics, ``val_*``, ``skipped`` when
-        updates were skipped).
+        updates were skipped, and ``learning_rate``, the rate of the epoch's last update,
+        when the optimizer records it: wrap it as
+        ``optax.inject_hyperparams(optax.adam)(learning_rate=schedule)``, whose state keeps
+        its hyperparameters; a plain ``optax.adam(schedule)`` keeps only a step count).
 
     Raises:
         NonFiniteLossError: on a NaN/inf loss with ``on_nonfinite="stop"``.
         ValueError: bad data (NaN, out-of-range labels, a batch shaped unlike the first), a
             checkpoint that does not match the model, or bad arguments.
     """
-    _check_counts(epochs, batch_size, steps_per_call, checkpoint_every)
+    _check_counts(epochs, batch_size, steps_per_call, checkpoint_every, num_micro_batches)
     init_key, shuffle_key = jax.random.split(jax.random.key(seed or 0) if key is None else key)
     shuffle_seed = [int(v) for v in np.asarray(jax.random.key_data(shuffle_key)).reshape(-1)]
-    source = batches(train_data, batch_size, shuffle=shuffle, drop_remainder=drop_remainder,
-                     seed=shuffle_seed)  # fmt: skip
+    source = batches(train_data, batch_size * num_micro_batches, shuffle=shuffle,
+                     drop_remainder=drop_remainder, seed=shuffle_seed)  # fmt: skip
+    _check_splits(source, num_micro_batches)
     ts = start_state(model, optimizer, init_key, source.example[0], train_state)
     place = placement(mesh, data_axis, shard_params, batch_size, ts)
-    policy = _policy(model, loss, ts, source.example, place, check_data)
+    policy = _policy(model, loss, ts, source.example, place, check_data, num_micro_batches)
     source.validate(policy)
     names = metric_names(metrics)
     evaluate_epoch = _evaluator(model, loss, metrics, names, eval_data, eval_batch_size, place,
@@ -173,8 +189,10 @@ def fit(
         return begin.train_state, begin.history
 
     run_key, ts = begin.train_state.key, begin.train_state._replace(key=None)  # ts: the carry
-    core = train_core(model, loss, optimizer, metrics, on_nonfinite, loss_scale)
-    steps = block_steps(core, source.take, names, policy.per_example, place, run_key)
+    make_core = train_core if num_micro_batches == 1 else accumulating_core
+    core = make_core(model, loss, optimizer, metrics, on_nonfinite, loss_scale)
+    steps = block_steps(core, source.take, names, policy.per_example, place, run_key,
+                        num_micro_batches)  # fmt: skip
     feed, history = place.put(source.feed), list(begin.history)
     bar = progress_bar(progress, (epochs - begin.epoch + 1) * (source.steps or 0), names, epochs)
     epoch, stop, gstep = begin.epoch - 1, None, int(ts.step)  # gstep: the global step
@@ -196,7 +214,8 @@ def fit(
                     sums = np.asarray(acc).tolist()
                     run.save(ts._replace(key=run_key), epoch, block.position, sums, history)
             check_nonfinite(ts._replace(key=run_key), epoch)
-            entry = {"epoch": epoch, **_epoch_logs(acc, names), **evaluate_epoch(ts)}
+            logs = {**_epoch_logs(acc, names), **_learning_rate(ts.opt_state)}
+            entry = {"epoch": epoch, **logs, **evaluate_epoch(ts)}
             history.append(entry)
             if bar is not None:
                 bar.set_postfix(entry)
@@ -212,7 +231,7 @@ def fit(
     return ts._replace(key=run_key), history
 
 
-def _check_counts(epochs, batch_size, steps_per_call, checkpoint_every) -> None:
+def _check_counts(epochs, batch_size, steps_per_call, checkpoint_every, num_micro_batches):
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"fit: epochs must be an int >= 0, got {epochs!r}.")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -221,15 +240,37 @@ def _check_counts(epochs, batch_size, steps_per_call, checkpoint_every) -> None:
         raise ValueError(f"fit: steps_per_call must be a positive int, got {steps_per_call!r}.")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise ValueError(f"fit: checkpoint_every must be >= 1, got {checkpoint_every!r}.")
+    if (
+        not isinstance(num_micro_batches, int)
+        or isinstance(num_micro_batches, bool)
+        or (num_micro_batches < 1)
+    ):
+        raise ValueError(
+            f"fit: num_micro_batches must be a positive int (micro-batches per optimizer "
+            f"step; 1 for no accumulation), got {num_micro_batches!r}."
+        )
 
 
-def _policy(model, loss, ts, example, place: Placement, check_data: bool) -> Policy:
+def _check_splits(source, num_micro_batches: int) -> None:
+    """An iterable's batches split into ``num_micro_batches`` equal micro-batches (in-memory
+    batches are ``num_micro_batches * batch_size`` examples, padded)."""
+    size = n_examples(source.example[0])
+    if isinstance(source, Iterable) and size % num_micro_batches:
+        raise ValueError(
+            f"fit: a batch of {size} examples does not split into num_micro_batches="
+            f"{num_micro_batches} equal micro-batches. Give batches of a multiple of "
+            f"{num_micro_batches} examples."
+        )
+
+
+def _policy(model, loss, ts, example, place: Placement, check_data: bool, splits: int) -> Policy:
     """How this run treats its batches, from the model's output shape and state.
 
     A model with state (batch norm's statistics) runs a partial batch at its own size, so
     padding never enters the statistics (one more compiled shape, made once); a stateless
     model pads and masks it, the same result with one shape. With a mesh, a partial batch the
-    devices do not divide is padded either way.
+    devices do not divide is padded either way; with gradient accumulation, so is one that
+    does not split into ``splits`` micro-batches.
     """
     out_spec = jax.eval_shape(lambda p, s, x: model.apply(p, s, x)[0], ts.params, ts.state,
                               example[0])  # fmt: skip
@@ -240,7 +281,7 @@ def _policy(model, loss, ts, example, place: Placement, check_data: bool) -> Pol
 
     return Policy(
         check=check if check_data else None,
-        own_size=lambda size: has_state and size % place.shards == 0,
+        own_size=lambda size: has_state and size % (place.shards * splits) == 0,
         per_example=loss_is_per_example(loss, out_spec, example[1]),
         put=place.put_batch,
     )
@@ -262,6 +303,17 @@ def _evaluator(model, loss, metrics, names, eval_data, batch_size, place, policy
         return {"val_" + k: v for k, v in logs.items()}
 
     return evaluate_epoch
+
+
+def _learning_rate(opt_state: Any) -> dict[str, float]:
+    """``{"learning_rate": rate}`` of the last update where the optimizer state records it
+    (``optax.inject_hyperparams``, anywhere in a chain), else ``{}``."""
+    nodes = jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: hasattr(x, "hyperparams"))
+    for node in nodes:
+        hyperparams = getattr(node, "hyperparams", None)
+        if isinstance(hyperparams, Mapping) and "learning_rate" in hyperparams:
+            return {"learning_rate": float(np.asarray(hyperparams["learning_rate"]))}
+    return {}
 
 
 def _epoch_logs(acc: jax.Array, names: list[str]) -> dict[str, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -119,11 +120,26 @@ def loss_is_per_example(loss: Loss, out_spec: Any, example_targets: Any) -> bool
 # Step cores
 
 
-def train_core(model, loss, optimizer, metrics, on_nonfinite, loss_scale):
-    """``core(ts, inputs, targets, mask, run_key=None) -> (ts, logs)``: one training step."""
+class TrainParts(NamedTuple):
+    """The two halves of a training step, shared by :func:`train_core` and
+    :func:`accumulating_core`.
+
+    Attributes:
+        gradient: ``gradient(params, state, inputs, targets, mask, key, weight=None) ->
+            (grads, (value, outputs, new_state))``: the grads of the (scaled) loss, times
+            ``weight`` when given; ``value`` is the unscaled, unweighted loss.
+        finish: ``finish(ts, grads, value, new_state) -> (ts, finite)``: unscales the grads,
+            checks them, applies the optimizer update and advances ``ts.step`` by one.
+    """
+
+    gradient: Callable[..., Any]
+    finish: Callable[..., Any]
+
+
+def train_parts(model, loss, optimizer, on_nonfinite, loss_scale) -> TrainParts:
+    """The :class:`TrainParts` of a training step (see :func:`make_train_step`)."""
     if on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}.")
-    metrics = _normalize_metrics(metrics)
     scale = 1.0 if loss_scale is None else float(loss_scale)
 
     def update(grads, params, opt_state, state, new_state):
@@ -138,15 +154,16 @@ def train_core(model, loss, optimizer, metrics, on_nonfinite, loss_scale):
         del grads, new_state
         return params, opt_state, state
 
-    def core(ts: TrainState, inputs, targets, mask, run_key=None):
-        key = jax.random.fold_in(ts.key if run_key is None else run_key, ts.step)
-
+    def gradient(params, state, inputs, targets, mask, key, weight=None):
         def objective(params):
-            outputs, new_state = model.apply(params, ts.state, inputs, key=key, train=True)
+            outputs, new_state = model.apply(params, state, inputs, key=key, train=True)
             value = _reduce(loss(_upcast(outputs), targets), mask, "loss")
-            return value * jnp.asarray(scale, value.dtype), (value, outputs, new_state)
+            weighted = value if weight is None else value * weight.astype(value.dtype)
+            return weighted * jnp.asarray(scale, value.dtype), (value, outputs, new_state)
 
-        grads, (value, outputs, new_state) = jax.grad(objective, has_aux=True)(ts.params)
+        return jax.grad(objective, has_aux=True)(params)
+
+    def finish(ts: TrainState, grads, value, new_state):
         if loss_scale is not None:
             grads = jax.tree_util.tree_map(lambda g: g / jnp.asarray(scale, g.dtype), grads)
         finite = jnp.isfinite(value)
@@ -168,10 +185,80 @@ def train_core(model, loss, optimizer, metrics, on_nonfinite, loss_scale):
         new = ts._replace(
             params=params, state=state, opt_state=opt_state, step=ts.step + 1, bad_step=bad_step
         )
+        return new, finite
+
+    return TrainParts(gradient, finish)
+
+
+def train_core(model, loss, optimizer, metrics, on_nonfinite, loss_scale):
+    """``core(ts, inputs, targets, mask, run_key=None) -> (ts, logs)``: one training step."""
+    parts = train_parts(model, loss, optimizer, on_nonfinite, loss_scale)
+    metrics = _normalize_metrics(metrics)
+
+    def core(ts: TrainState, inputs, targets, mask, run_key=None):
+        key = jax.random.fold_in(ts.key if run_key is None else run_key, ts.step)
+        grads, (value, outputs, new_state) = parts.gradient(
+            ts.params, ts.state, inputs, targets, mask, key
+        )
+        new, finite = parts.finish(ts, grads, value, new_state)
         logs = {"loss": jnp.asarray(value, jnp.float32)}
         logs.update(_compute_metrics(metrics, outputs, targets, mask))
         logs["skipped"] = (~finite).astype(jnp.int32)
         logs["count"] = _count(inputs, mask)
+        return new, logs
+
+    return core
+
+
+def accumulating_core(model, loss, optimizer, metrics, on_nonfinite, loss_scale):
+    r"""``core(ts, rows, load, run_key=None) -> (ts, logs)``: one optimizer step whose batch
+    is the micro-batches ``load(rows[i])``, ``i < N`` (``rows`` has a leading axis ``N``).
+
+    Gradient accumulation: a ``lax.scan`` over the micro-batches sums the grads of each
+    micro-batch's loss times its count of valid examples :math:`c_i`, and divides by
+    :math:`\sum_i c_i`: the gradient of the mean loss over every valid example of the N
+    micro-batches, as one step on their concatenation would take it (masked and empty
+    micro-batches weigh what they hold). Then one optimizer update, and ``ts.step`` advances
+    by one. Micro-batch ``i`` draws its key from ``fold_in(fold_in(key, ts.step), i)``; the
+    model state runs through the micro-batches in order, and one with no valid example
+    leaves it as it was. The logs are the example-weighted means over the N micro-batches.
+    """
+    parts = train_parts(model, loss, optimizer, on_nonfinite, loss_scale)
+    metrics = _normalize_metrics(metrics)
+    names = metric_names(metrics)
+
+    def core(ts: TrainState, rows, load, run_key=None):
+        step_key = jax.random.fold_in(ts.key if run_key is None else run_key, ts.step)
+
+        def micro(carry, xs):
+            grads_sum, state, sums = carry
+            i, row = xs
+            inputs, targets, mask = load(row)
+            count = _count(inputs, mask)
+            key = jax.random.fold_in(step_key, i)
+            grads, (value, outputs, new_state) = parts.gradient(
+                ts.params, state, inputs, targets, mask, key, weight=count
+            )
+            logs = {"loss": jnp.asarray(value, jnp.float32)}
+            logs.update(_compute_metrics(metrics, outputs, targets, mask))
+            weight = count.astype(jnp.float32)
+            values = [jnp.where(weight > 0, logs[name] * weight, 0.0) for name in names]
+            state = jax.tree_util.tree_map(
+                lambda new, old: jnp.where(count > 0, new, old), new_state, state
+            )
+            grads_sum = jax.tree_util.tree_map(jnp.add, grads_sum, grads)
+            return (grads_sum, state, sums + jnp.stack([*values, weight])), None
+
+        n = jax.tree_util.tree_leaves(rows)[0].shape[0]
+        zeros = (jax.tree_util.tree_map(jnp.zeros_like, ts.params), ts.state,
+                 jnp.zeros(len(names) + 1, jnp.float32))  # fmt: skip
+        (grads, state, sums), _ = jax.lax.scan(micro, zeros, (jnp.arange(n), rows))
+        total = jnp.maximum(sums[-1], 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / total.astype(g.dtype), grads)
+        logs = {name: sums[i] / total for i, name in enumerate(names)}
+        new, finite = parts.finish(ts, grads, logs["loss"], state)
+        logs["skipped"] = (~finite).astype(jnp.int32)
+        logs["count"] = sums[-1].astype(jnp.int32)
         return new, logs
 
     return core
@@ -334,21 +421,36 @@ class BlockSteps(NamedTuple):
     many: Callable[..., Any]
 
 
-def block_steps(core, take, names, per_example, place: Placement, run_key) -> BlockSteps:
+def block_steps(
+    core, take, names, per_example, place: Placement, run_key, num_micro_batches: int = 1
+) -> BlockSteps:
     """Wraps a train :func:`train_core` for ``fit``: batches from ``take``, sums on device.
 
     The carry is the train state without its key: the key is the same at every step and, as
     a typed PRNG key argument, would cost dispatch time on every call, so the steps close
     over ``run_key`` instead. The epoch's logs are summed on the device into ``acc`` (see
     :func:`accumulate`), so an epoch costs one transfer to the host.
+
+    With ``num_micro_batches`` ``N > 1``, ``core`` is an :func:`accumulating_core`: a step's
+    rows (leading axis ``N * micro``) are split into ``N`` micro-batches of ``micro`` rows,
+    each taken from the feed inside the accumulation's scan.
     """
 
-    def one(state, feed, rows):
-        carry, acc = state
+    def load(feed, rows):
         inputs, targets, mask = take(feed, rows)
         inputs, targets = place.constrain((inputs, targets))
         mask = place.constrain(mask) if per_example else None
-        carry, logs = core(carry, inputs, targets, mask, run_key)
+        return inputs, targets, mask
+
+    def one(state, feed, rows):
+        carry, acc = state
+        if num_micro_batches == 1:
+            carry, logs = core(carry, *load(feed, rows), run_key)
+        else:
+            micro = jax.tree_util.tree_map(
+                lambda a: a.reshape(num_micro_batches, -1, *a.shape[1:]), rows
+            )
+            carry, logs = core(carry, micro, partial(load, feed), run_key)
         return (place.constrain_carry(carry), accumulate(acc, logs, names)), None
 
     def many(state, feed, rows):
