@@ -42,23 +42,29 @@ FULL = {"vocab": 50257, "context": 1024, "width": 768, "heads": 12, "layers": 12
 TINY = {"vocab": 512, "context": 64, "width": 64, "heads": 4, "layers": 2, "batch": 2}
 
 
+REMAT = ("none", "full", "dots")
+"""Activation checkpointing of the blocks: none, each block recomputed in the backward pass
+(``fl.repeat(..., remat=True)``), or recomputed but for its matmuls' outputs
+(``fl.remat(block, jax.checkpoint_policies.dots_saveable)``)."""
+
+
 def make_model(
-    vocab, context, width, heads, layers, dtype=jnp.bfloat16, implementation=None, unroll=1
-):
+    vocab, context, width, heads, layers, dtype=jnp.bfloat16, implementation=None, unroll=1,
+    remat="none",
+):  # fmt: skip
+    block = fl.decoder_block(
+        width,
+        heads,
+        dtype=dtype,
+        implementation=implementation,
+        norm=fl.layer_norm(dtype=dtype),
+    )
+    if remat == "dots":
+        block = fl.remat(block, jax.checkpoint_policies.dots_saveable, prevent_cse=False)
     return fl.serial(
         embed=fl.embedding(vocab, width, table_init=jax.nn.initializers.normal(0.02), dtype=dtype),
         pos=fl.learned_positions(context),
-        blocks=fl.repeat(
-            fl.decoder_block(
-                width,
-                heads,
-                dtype=dtype,
-                implementation=implementation,
-                norm=fl.layer_norm(dtype=dtype),
-            ),
-            layers,
-            unroll=unroll,
-        ),
+        blocks=fl.repeat(block, layers, unroll=unroll, remat=remat == "full"),
         norm=fl.layer_norm(dtype=dtype),
     )
 
@@ -117,7 +123,7 @@ def flops_per_token(n_params: int, layers: int, width: int, context: int) -> flo
     return 6.0 * n_params + 12.0 * layers * width * context
 
 
-def make_loss(cfg: dict, x, seed=0, impl="fundl", implementation=None, unroll=1):
+def make_loss(cfg: dict, x, seed=0, impl="fundl", implementation=None, unroll=1, remat="none"):
     """``(params, loss_fn(params, x, y))`` of fundl's model or the hand-written one."""
     if impl == "plain":
         params = plain_init(jax.random.key(seed), cfg["vocab"], cfg["context"], cfg["width"],
@@ -132,7 +138,7 @@ def make_loss(cfg: dict, x, seed=0, impl="fundl", implementation=None, unroll=1)
 
         return params, loss_fn
     model = make_model(cfg["vocab"], cfg["context"], cfg["width"], cfg["heads"], cfg["layers"],
-                       implementation=implementation, unroll=unroll)  # fmt: skip
+                       implementation=implementation, unroll=unroll, remat=remat)  # fmt: skip
     params, state = model.init(jax.random.key(seed), x)
 
     def loss_fn(params, x, y):
@@ -143,6 +149,32 @@ def make_loss(cfg: dict, x, seed=0, impl="fundl", implementation=None, unroll=1)
     return params, loss_fn
 
 
+def make_step(cfg: dict, seed=0, impl="fundl", implementation=None, unroll=1, remat="none"):
+    """``(step, params, opt_state, x, y)``: the jitted adamw train step and its first inputs."""
+    ids = jax.random.randint(jax.random.key(seed), (cfg["batch"], cfg["context"] + 1), 0,
+                             cfg["vocab"])  # fmt: skip
+    x, y = ids[:, :-1], ids[:, 1:]
+    params, loss_fn = make_loss(cfg, x, seed, impl, implementation, unroll, remat)
+    optimizer = optax.adamw(3e-4, weight_decay=0.1)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step, params, optimizer.init(params), x, y
+
+
+def step_memory(cfg: dict, implementation=None, unroll=1, remat="none") -> dict:
+    """XLA's memory account of the compiled train step (compiled, not run), in bytes."""
+    step, params, opt_state, x, y = make_step(cfg, 0, "fundl", implementation, unroll, remat)
+    m = step.lower(params, opt_state, x, y).compile().memory_analysis()
+    return {"remat": remat, "batch": cfg["batch"], "temp_bytes": m.temp_size_in_bytes,
+            "argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
+            "alias_bytes": m.alias_size_in_bytes}  # fmt: skip
+
+
 def run_benchmark(
     cfg: dict,
     steps: int,
@@ -151,20 +183,11 @@ def run_benchmark(
     implementation: str | None = None,
     impl: str = "fundl",
     unroll: int = 1,
+    remat: str = "none",
 ) -> dict:
     batch, t = cfg["batch"], cfg["context"]
-    ids = jax.random.randint(jax.random.key(seed), (batch, t + 1), 0, cfg["vocab"])
-    x, y = ids[:, :-1], ids[:, 1:]
-    params, loss_fn = make_loss(cfg, x, seed, impl, implementation, unroll)
+    step, params, opt_state, x, y = make_step(cfg, seed, impl, implementation, unroll, remat)
     n_params = sum(int(p.size) for p in jax.tree.leaves(params))
-    optimizer = optax.adamw(3e-4, weight_decay=0.1)
-    opt_state = optimizer.init(params)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
 
     t0 = time.perf_counter()
     params, opt_state, loss = jax.block_until_ready(step(params, opt_state, x, y))
@@ -187,7 +210,7 @@ def run_benchmark(
         "model_tflops": achieved, "peak_tflops": peak,
         "mfu": achieved / peak if peak else None,
         "first_loss": first_loss, "last_loss": float(loss),
-        "attention": implementation or "auto", "impl": impl, "unroll": unroll,
+        "attention": implementation or "auto", "impl": impl, "unroll": unroll, "remat": remat,
     }  # fmt: skip
 
 
@@ -222,6 +245,11 @@ def main(argv: list[str] | None = None) -> dict:
         type=int,
         help="vocabulary size (default 50257; 50304 pads it to a multiple of 128, as nanoGPT does)",
     )
+    parser.add_argument("--remat", choices=REMAT, default="none",
+                        help="activation checkpointing of the blocks (fundl only)")  # fmt: skip
+    parser.add_argument("--memory", action="store_true",
+                        help="compile only and print XLA's memory account of the step for each "
+                        "--remat choice (bytes; temporaries are the activations)")  # fmt: skip
     parser.add_argument("--json", metavar="PATH", help="write the result as JSON")
     args = parser.parse_args(argv)
     cfg = dict(TINY if args.tiny else FULL)
@@ -235,8 +263,19 @@ def main(argv: list[str] | None = None) -> dict:
         args.unroll = 0  # blocks as a Python loop: no scan to unroll
     elif args.unroll is None:  # a full unroll is faster on a GPU (see RESULTS.md)
         args.unroll = cfg["layers"] if jax.default_backend() == "gpu" else 1
+    if args.memory:
+        rows = [step_memory(cfg, impl, args.unroll, remat) for remat in REMAT]
+        for row in rows:
+            temp, share = row["temp_bytes"], row["temp_bytes"] / rows[0]["temp_bytes"]
+            print(f"remat {row['remat']:>4}: batch {row['batch']}, temporaries "
+                  f"{temp / 2**20:,.1f} MiB ({share:.3f} of none), arguments "
+                  f"{row['argument_bytes'] / 2**20:,.1f} MiB")  # fmt: skip
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+        return {"memory": rows}
     result = run_benchmark(cfg, steps, args.peak_tflops, implementation=impl, impl=args.impl,
-                           unroll=args.unroll)  # fmt: skip
+                           unroll=args.unroll, remat=args.remat)  # fmt: skip
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (no peak known)"
     stack = f"unroll {result['unroll']}" if result["unroll"] else "blocks in a Python loop"
     print(f"{result['impl']} {result['device']} ({result['backend']}, attention "

@@ -66,3 +66,23 @@ def test_gpt2_hand_written_baseline_is_the_same_model():
     np.testing.assert_allclose(list(losses.values()), np.log(cfg["vocab"]), rtol=0.02)
     # bf16 compute: the unrolled and looped stacks agree to bf16 rounding, not bitwise.
     np.testing.assert_allclose(losses["fundl", 1], losses["fundl", cfg["layers"]], rtol=1e-3)
+
+
+def test_gpt2_memory_with_remat_is_smaller_and_the_loss_the_same():
+    # XLA's account of the compiled step (compiled, not run): recomputing the blocks in the
+    # backward pass keeps fewer activations; the loss is the same function either way.
+    from benchmarks.gpt2 import TINY, main, make_loss
+
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+        rows = {row["remat"]: row for row in main(["--tiny", "--memory"])["memory"]}
+        cfg = dict(TINY)
+        ids = jax.random.randint(jax.random.key(1), (2, cfg["context"] + 1), 0, cfg["vocab"])
+        x, y = ids[:, :-1], ids[:, 1:]
+        losses = {}
+        for remat in ("none", "full"):
+            params, loss_fn = make_loss(cfg, x, remat=remat)
+            losses[remat] = float(jax.jit(jax.value_and_grad(loss_fn))(params, x, y)[0])
+    assert rows["full"]["temp_bytes"] < 0.6 * rows["none"]["temp_bytes"]
+    assert rows["dots"]["temp_bytes"] < rows["none"]["temp_bytes"]
+    # the same ops in bf16, compiled with and without the checkpoint: bf16 rounding apart
+    np.testing.assert_allclose(losses["full"], losses["none"], rtol=1e-2)
