@@ -3,9 +3,10 @@
 XLA compiles every jitted program on its first call; on a small model that is most of a
 short run (``fit`` on the digits compiles for longer than it trains). JAX can keep the
 compiled programs on disk and load them in the next process instead of compiling again: its
-`persistent compilation cache`_, keyed by the program's StableHLO, the jaxlib version, the
-backend, the devices, the compile options and ``XLA_FLAGS`` (so a changed flag or an upgrade
-compiles afresh rather than loading a stale program).
+[persistent compilation cache](https://docs.jax.dev/en/latest/persistent_compilation_cache.html),
+keyed by the program's StableHLO, the jaxlib version, the backend, the devices, the compile
+options and ``XLA_FLAGS`` (a changed flag or an upgrade compiles afresh, never loads a stale
+program).
 
 :func:`fundl.fit` turns it on at its start, for the rest of the process (JAX's setting is
 global: every later compilation, inside ``fit`` or not, reads and writes it), unless:
@@ -17,16 +18,14 @@ global: every later compilation, inside ``fit`` or not, reads and writes it), un
   ``jax.config.update``): that cache is yours, fundl leaves it and its thresholds alone;
 - ``jax_enable_compilation_cache`` is false.
 
-The default directory is ``$XDG_CACHE_HOME/fundl/jax/<host>`` (``~/.cache/fundl/jax/<host>``
-without ``XDG_CACHE_HOME``), where ``<host>`` is a short hash of the CPU's architecture,
+The default directory is ``$XDG_CACHE_HOME/fundl/jax/<cpu>`` (``~/.cache/fundl/jax/<cpu>``
+without ``XDG_CACHE_HOME``), where ``<cpu>`` is a short hash of the CPU's architecture,
 model and instruction-set flags: XLA:CPU programs are native code for the CPU that compiled
 them, so machines sharing a home directory keep separate caches. It is created readable
 only by you (``0o700``): JAX runs what it loads from there, so never point the cache at a
-directory others can write. It grows by the programs you compile (tens to hundreds of KB
-each for small models) and is never pruned: delete it to free the space. ``import fundl``
+directory others can write. It grows by the programs you compile (a few KB to a few hundred
+KB each for small models) and is never pruned: delete it to free the space. ``import fundl``
 changes nothing; only ``fit`` and :func:`cache_compilations` do.
-
-.. _persistent compilation cache: https://docs.jax.dev/en/latest/persistent_compilation_cache.html
 """
 
 from __future__ import annotations
