@@ -20,8 +20,9 @@ round:
   seed MLP (784-128-64-10, adam, batch 8), fundl (``init_train_state`` and
   ``make_train_step``) against the same written in plain JAX and optax. The notes split the
   time into imports (jax, optax, fundl) and JAX's tracing, lowering and compiling (its
-  monitoring events, summed over every program the process compiled). fundl's cache is off
-  here: both run as a first run does.
+  monitoring events, summed over every program the process compiled), with fundl's cache off
+  (both run as a first run does); and fundl's second run with ``fl.cache_compilations()``
+  called after its import.
 
 ``--quick`` (a smoke run, not a measurement): one round, 2 epochs for ``fit``.
 """
@@ -242,12 +243,16 @@ def fit_case(rounds: int, epochs: int) -> CaseResult:
 
 def first_step_case(rounds: int) -> CaseResult:
     """From the first import to the first finished train step: plain JAX against fundl."""
-    bodies = {"plain JAX": _FIRST_STEP_PLAIN, "fundl": _FIRST_STEP_FUNDL}
-    results: dict[str, list[dict]] = {n: [] for n in bodies}
-    for _ in range(rounds):
-        for name, body in bodies.items():
-            code = _FIRST_STEP.format(events=_COMPILE_EVENTS, body=body)
-            results[name].append(child(code, "0")[0])
+    cached = _FIRST_STEP_FUNDL.replace("t_lib = ", "fl.cache_compilations()\nt_lib = ")
+    with tempfile.TemporaryDirectory() as cache:
+        bodies = {"plain JAX": (_FIRST_STEP_PLAIN, "0"), "fundl": (_FIRST_STEP_FUNDL, "0"),
+                  "fundl, second run, cache on": (cached, cache)}  # fmt: skip
+        child(_FIRST_STEP.format(events=_COMPILE_EVENTS, body=cached), cache)  # fills the cache
+        results: dict[str, list[dict]] = {n: [] for n in bodies}
+        for _ in range(rounds):
+            for name, (body, where) in bodies.items():
+                code = _FIRST_STEP.format(events=_COMPILE_EVENTS, body=body)
+                results[name].append(child(code, where)[0])
     samples = {n: [r["total"] for r in rs] for n, rs in results.items()}
     cpu = {n: [r["cpu"] for r in rs] for n, rs in results.items()}
     compiling = {n: statistics.median(r["backend_compile_duration"] for r in rs)
