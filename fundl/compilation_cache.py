@@ -86,19 +86,24 @@ def cache_compilations(where: bool | str | os.PathLike[str] = True) -> Path | No
         The cache directory now in use, or ``None`` when the cache is off.
 
     Raises:
+        TypeError: ``where`` is neither a bool nor a path.
         ValueError: ``where`` names a directory other than the one you set in JAX's
             ``jax_compilation_cache_dir``, or JAX's cache is disabled
             (``jax_enable_compilation_cache=False``).
         OSError: the directory cannot be created.
     """
     global _chosen
-    _chosen = True
+    if not isinstance(where, bool | str | os.PathLike):
+        raise TypeError(f"cache_compilations: where must be True, False or a directory (a str "
+                        f"or path), got {type(where).__name__} {where!r}.")  # fmt: skip
     if where is False:
         _turn_off()
+        _chosen = True
         return None
     target = (_env_dir() or _default_dir()) if where is True else _absolute(where)
     users = _users_dir()
     if users is not None and (where is True or Path(users) == target):
+        _chosen = True
         return Path(users)
     if users is not None:
         raise ValueError(
@@ -113,6 +118,7 @@ def cache_compilations(where: bool | str | os.PathLike[str] = True) -> Path | No
             "jax.config.update('jax_enable_compilation_cache', True) first."
         )
     _turn_on(target)
+    _chosen = True
     return target
 
 
@@ -124,8 +130,9 @@ def cache_by_default() -> Path | None:
     disabled, or if the directory cannot be created (e.g. a read-only home): training then
     compiles as without a cache. Returns the directory fundl set, or ``None``.
     """
-    target = None if _chosen or _users_dir() is not None else _env_dir()
-    if target is not None and jax.config.jax_enable_compilation_cache:
+    settled = _chosen or jax.config.jax_compilation_cache_dir is not None
+    target = None if settled or not jax.config.jax_enable_compilation_cache else _env_dir()
+    if target is not None:
         with contextlib.suppress(OSError):  # e.g. a read-only home: compile as before
             _turn_on(target)
     return Path(_set_by_fundl) if _set_by_fundl else None
@@ -151,8 +158,10 @@ def _default_dir() -> Path:
 def _host_tag() -> str:
     """12 hex digits naming this CPU: its architecture, model and instruction-set flags."""
     facts = [platform.machine(), platform.processor()]
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:  # Linux: the first CPU
-        for line in iter(f.readline, "\n"):
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:  # Linux
+        for line in f:
+            if not line.strip():  # the end of the first CPU's block
+                break
             if line.startswith(("model name", "flags", "Features", "CPU part")):
                 facts.append(line.strip())
     return hashlib.sha256("\n".join(facts).encode()).hexdigest()[:12]

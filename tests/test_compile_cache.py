@@ -116,11 +116,19 @@ def test_disabled_jax_cache_stays_disabled(isolated, tmp_path):
         fl.cache_compilations(tmp_path)
 
 
+def test_cache_compilations_names_what_it_takes(isolated):
+    with pytest.raises(TypeError, match=r"where must be True, False or a directory.*NoneType"):
+        fl.cache_compilations(None)
+    assert jax.config.values[DIR] is None
+
+
 def test_a_directory_that_cannot_be_made_leaves_the_cache_off(isolated, tmp_path):
     (tmp_path / "file").write_text("not a directory")
     isolated.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
     assert compilation_cache.cache_by_default() is None
     assert jax.config.values[DIR] is None
+    with pytest.raises(OSError):  # asked for by name: the error is the caller's to see
+        fl.cache_compilations(tmp_path / "file" / "cache")
 
 
 _FIT_AND_COUNT = """
