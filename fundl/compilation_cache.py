@@ -6,7 +6,8 @@ compiled programs on disk and load them in the next process instead of compiling
 [persistent compilation cache](https://docs.jax.dev/en/latest/persistent_compilation_cache.html),
 keyed by the program's StableHLO, the jaxlib version, the backend, the devices, the compile
 options and ``XLA_FLAGS`` (a changed flag or an upgrade compiles afresh, never loads a stale
-program).
+program). The options name the cache directory itself (XLA's autotuning cache lives inside
+it), so a cache copied or moved to another path starts empty.
 
 :func:`fundl.fit` turns it on at its start, for the rest of the process (JAX's setting is
 global: every later compilation, inside ``fit`` or not, reads and writes it), unless:
