@@ -16,6 +16,10 @@ import jax
 import pytest
 from hypothesis import HealthCheck, settings
 
+# fit turns on JAX's persistent compilation cache in ~/.cache; the suite writes nothing there
+# and compiles afresh (tests/test_compile_cache.py uses its own temporary directories).
+os.environ.setdefault("FUNDL_COMPILATION_CACHE", "0")
+
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

@@ -3,7 +3,8 @@
 Runs the suites (default: all, in this order): ``mlp`` and ``cnn`` (the seed MLP's and
 LeNet-5's train steps), ``rnn`` (an LSTM's train step), ``attention`` (a causal
 self-attention layer's train step), ``transformer`` (a pre-norm decoder block's train step
-and the compile time of deep stacks) and ``fit`` (the training loop). Each case runs plain
+and the compile time of deep stacks), ``fit`` (the training loop) and ``startup`` (fresh
+processes: re-runs with the compilation cache, time to first step). Each case runs plain
 JAX written by hand, fundl and the installed peers, interleaved round by round; missing peers
 are skipped with a note. ``--quick`` is a smoke run on tiny sizes, not a measurement.
 
@@ -31,12 +32,14 @@ from benchmarks.steps import GpuRun
 
 SUITES = {"mlp": "benchmarks.mlp_step", "cnn": "benchmarks.cnn_step",
           "rnn": "benchmarks.rnn_step", "attention": "benchmarks.attention_step",
-          "transformer": "benchmarks.transformer_step", "fit": "benchmarks.fit_bench"}  # fmt: skip
+          "transformer": "benchmarks.transformer_step", "fit": "benchmarks.fit_bench",
+          "startup": "benchmarks.startup"}  # fmt: skip
 """Suite name -> module with ``run(quick: bool) -> list[CaseResult]``, in the default order.
 
-Each suite but ``fit`` also takes ``gpu: GpuRun | None`` (``--gpu``)."""
+Each suite but ``fit`` and ``startup`` also takes ``gpu: GpuRun | None`` (``--gpu``)."""
 
-NO_GPU = {"fit": "the training loop on a small MLP measures dispatch, not the chip"}
+NO_GPU = {"fit": "the training loop on a small MLP measures dispatch, not the chip",
+          "startup": "fresh processes on the CPU measure imports and compilation"}  # fmt: skip
 """Suites that ``--gpu`` skips, and why."""
 
 

@@ -160,6 +160,7 @@ def run_keras(keras, x, y, epochs):
 
 def run(quick: bool = False, repeats: int | None = None, epochs: int | None = None):
     """The two training-loop cases (steady epoch, total incl. compilation), ``CaseResult``s."""
+    fl.cache_compilations(False)  # every run compiles; benchmarks.startup measures the cache
     before, _ = memory_high_water()
     (x, y), _ = fl.datasets.digits_split()
     if quick:

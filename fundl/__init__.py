@@ -34,6 +34,7 @@ from fundl.combinators import (
     serial,
     shared,
 )
+from fundl.compilation_cache import cache_compilations
 from fundl.conv import conv, conv_transpose
 from fundl.core import ApplyFn, InitFn, Layer, Params, State
 from fundl.dense import dense, flatten, reshape
@@ -164,6 +165,7 @@ __all__ = [
     "NonFiniteLossError",
     "freeze",
     "graft",
+    "cache_compilations",
     # metrics and tools
     "accuracy",
     "masked_mean",

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import optax
 
+from fundl.compilation_cache import cache_by_default
 from fundl.core import Layer
 from fundl.train.callbacks import Callback, call_callbacks, progress_bar
 from fundl.train.data import Iterable, Policy, batches, check_batch, eval_batches, n_examples
@@ -74,6 +75,10 @@ def fit(
     epoch: the last partial batch of a stateless model is padded and masked (one shape for
     every batch); a model with state (e.g. :func:`fundl.batch_norm`'s statistics) runs it
     at its own size (one more shape, compiled once), so padding never enters the state.
+
+    The first call turns on JAX's persistent compilation cache for the process, so the next
+    run loads its compiled programs from disk; see :func:`cache_compilations` to move or
+    turn it off.
 
     Example:
         >>> import jax, jax.numpy as jnp, numpy as np, optax, fundl as fl
@@ -169,6 +174,7 @@ def fit(
         ValueError: bad data (NaN, out-of-range labels, a batch shaped unlike the first), a
             checkpoint that does not match the model, or bad arguments.
     """
+    cache_by_default()  # compiled programs persist across runs (fundl.compilation_cache)
     _check_counts(epochs, batch_size, steps_per_call, checkpoint_every, num_micro_batches)
     init_key, shuffle_key = jax.random.split(jax.random.key(seed or 0) if key is None else key)
     shuffle_seed = [int(v) for v in np.asarray(jax.random.key_data(shuffle_key)).reshape(-1)]
