@@ -5,6 +5,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,6 +18,7 @@ def load_example():
     return module
 
 
+@pytest.mark.slow  # an example or benchmark run end to end (FUNDL_SLOW=1; CI runs it)
 def test_char_transformer_tiny_run_learns_and_samples(capsys):
     module = load_example()
     # optax's adamw counts steps in int32: not clean under the suite's strict promotion, so
@@ -34,6 +36,7 @@ def test_char_transformer_tiny_run_learns_and_samples(capsys):
     assert f"held-out: {result['held_out_bits']:.3f} bits/char" in out
 
 
+@pytest.mark.slow  # an example or benchmark run end to end (FUNDL_SLOW=1; CI runs it)
 def test_gpt2_benchmark_tiny(tmp_path):
     from benchmarks.gpt2 import flops_per_token, main, peak_tflops
 
@@ -68,6 +71,7 @@ def test_gpt2_hand_written_baseline_is_the_same_model():
     np.testing.assert_allclose(losses["fundl", 1], losses["fundl", cfg["layers"]], rtol=1e-3)
 
 
+@pytest.mark.slow  # an example or benchmark run end to end (FUNDL_SLOW=1; CI runs it)
 def test_gpt2_memory_with_remat_is_smaller_and_the_loss_the_same():
     # XLA's account of the compiled step (compiled, not run): recomputing the blocks in the
     # backward pass keeps fewer activations; the loss is the same function either way.

@@ -46,5 +46,5 @@ def test_renamed_keeps_name_signature_and_doc():
     import inspect
 
     assert fl.conv.__name__ == "conv"
-    assert list(inspect.signature(fl.repeat).parameters) == ["layer", "times", "unroll"]
+    assert list(inspect.signature(fl.repeat).parameters) == ["layer", "times", "unroll", "remat"]
     assert "times" in fl.fan_out.__doc__
