@@ -13,33 +13,15 @@ import numpy as np
 import pytest
 
 import fundl as fl
+from tests import test_conv
 
 F32_EPS = float(np.finfo(np.float32).eps)
 
 
-def same_pads(sizes, kernel, strides):
-    """TensorFlow's SAME: ceil(n / s) outputs, the odd padding on the high side."""
-    pads = []
-    for n, k, s in zip(sizes, kernel, strides, strict=True):
-        total = max((-(-n // s) - 1) * s + k - n, 0)
-        pads.append((total // 2, total - total // 2))
-    return pads
-
-
-def np_conv(x, w, b, strides, pads):
-    """A loop over outputs: y[b, *i, o] = sum_{*u, c} x_pad[b, *(i s + u), c] w[*u, c, o]."""
+def np_conv(x, w, b, strides):
+    """The NumPy loop of tests/test_conv.py with SAME padding, no dilation, one group."""
     n = x.ndim - 2
-    kernel = w.shape[:n]
-    xp = np.pad(x, [(0, 0), *pads, (0, 0)])
-    out = [(xp.shape[1 + a] - kernel[a]) // strides[a] + 1 for a in range(n)]
-    y = np.zeros((x.shape[0], *out, w.shape[-1]))
-    for idx in np.ndindex(*out):
-        rows = tuple(slice(i * s, i * s + k) for i, s, k in zip(idx, strides, kernel, strict=True))
-        patch = xp[(slice(None), *rows, slice(None))]  # (batch, *kernel, channels)
-        y[(slice(None), *idx, slice(None))] = np.tensordot(
-            patch, w, axes=(list(range(1, n + 2)), list(range(n + 1)))
-        )
-    return y + b
+    return test_conv.np_conv(x, w, b, strides, "SAME", (1,) * n, 1)
 
 
 def check_conv(x, strides, features=8, kernel=3):
@@ -51,12 +33,11 @@ def check_conv(x, strides, features=8, kernel=3):
     assert w.shape == (*(kernel,) * n, x.shape[-1], features)
     xs = np.asarray(x, np.float64)
     steps = (strides,) * n
-    pads = same_pads(x.shape[1:-1], (kernel,) * n, steps)
-    expected = np_conv(xs, w, b, steps, pads)
+    expected = np_conv(xs, w, b, steps)
     # float32 against a float64 reference: a sum of m products is off by at most about
     # m * eps * sum |x w| (the standard bound on recursive summation), m the fan-in + bias.
     fan_in = kernel**n * x.shape[-1] + 1
-    bound = fan_in * F32_EPS * (np_conv(np.abs(xs), np.abs(w), np.abs(b), steps, pads))
+    bound = fan_in * F32_EPS * (np_conv(np.abs(xs), np.abs(w), np.abs(b), steps))
     assert y.shape == expected.shape
     assert np.all(np.abs(np.asarray(y, np.float64) - expected) <= bound)
 
