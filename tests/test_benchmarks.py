@@ -67,6 +67,7 @@ def _names(case) -> list[str]:
     return [t["name"] for t in case["timings"]]
 
 
+@pytest.mark.slow  # runs python -m benchmarks --quick in subprocesses (FUNDL_SLOW=1; CI runs it)
 def test_json_records_the_environment(quick):
     _, records, _ = quick
     for record in records:
@@ -77,6 +78,7 @@ def test_json_records_the_environment(quick):
         assert set(env["packages"]) >= {"optax", "flax", "equinox", "dm-haiku", "keras"}
 
 
+@pytest.mark.slow  # runs python -m benchmarks --quick in subprocesses (FUNDL_SLOW=1; CI runs it)
 def test_every_suite_runs_every_case(quick):
     printed, records, _ = quick
     cases = _cases(records)
@@ -98,6 +100,7 @@ def test_every_suite_runs_every_case(quick):
         assert all(t["memory_bytes"] > 0 for t in case["timings"] if t["name"] != "flax nnx")
 
 
+@pytest.mark.slow  # runs python -m benchmarks --quick in subprocesses (FUNDL_SLOW=1; CI runs it)
 def test_rnn_suite(quick):
     _, records, _ = quick
     case = _case(records, "lstm train step, batch 2, 4 steps")
@@ -110,6 +113,7 @@ def test_rnn_suite(quick):
     assert "compile(1024) / compile(16) = " in case["notes"][2]
 
 
+@pytest.mark.slow  # runs python -m benchmarks --quick in subprocesses (FUNDL_SLOW=1; CI runs it)
 def test_attention_and_transformer_suites(quick):
     _, records, _ = quick
     case = _case(records, "causal self-attention train step")
@@ -122,6 +126,7 @@ def test_attention_and_transformer_suites(quick):
     assert compile_["notes"][0].startswith("repeat(2) / repeat(1) = ")
 
 
+@pytest.mark.slow  # runs python -m benchmarks --quick in subprocesses (FUNDL_SLOW=1; CI runs it)
 def test_fit_suite(quick):
     _, records, _ = quick
     for what in ("steady time per epoch", "total time of 3 epochs incl. compilation"):
@@ -145,6 +150,7 @@ def test_fit_suite(quick):
 
 @pytest.mark.parametrize(("module", "label"), [("flax", "flax linen"), ("equinox", "equinox"),
                                                ("haiku", "haiku")])  # fmt: skip
+@pytest.mark.slow  # runs python -m benchmarks --quick in subprocesses (FUNDL_SLOW=1; CI runs it)
 def test_peers_run_or_are_skipped_with_a_note(quick, module, label):
     _, records, _ = quick
     case = _case(records, "mlp train step, batch 8")
@@ -156,6 +162,7 @@ def test_peers_run_or_are_skipped_with_a_note(quick, module, label):
         assert label in _names(case)
 
 
+@pytest.mark.slow  # runs python -m benchmarks --quick in subprocesses (FUNDL_SLOW=1; CI runs it)
 def test_plot_is_written(quick):
     printed, _, out = quick
     if importlib.util.find_spec("matplotlib") is None:
@@ -185,6 +192,7 @@ def test_report_table_json_and_plot(tmp_path):
         assert plot([res], str(tmp_path / "r.png")) is True
 
 
+@pytest.mark.slow  # runs python -m benchmarks --quick in subprocesses (FUNDL_SLOW=1; CI runs it)
 def test_gpu_option_smoke(tmp_path):
     """``--gpu --quick``: bfloat16 cases with throughput and MFU in the notes and the JSON.
 
@@ -217,6 +225,7 @@ def test_gpu_option_smoke(tmp_path):
     assert note in proc.stdout
 
 
+@pytest.mark.slow  # runs python -m benchmarks --quick in subprocesses (FUNDL_SLOW=1; CI runs it)
 def test_default_run_writes_no_speed(quick):
     """Without ``--gpu`` the JSON record keeps its keys: no ``speed`` entry."""
     _, records, _ = quick
