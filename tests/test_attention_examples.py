@@ -88,5 +88,7 @@ def test_gpt2_memory_with_remat_is_smaller_and_the_loss_the_same():
             losses[remat] = float(jax.jit(jax.value_and_grad(loss_fn))(params, x, y)[0])
     assert rows["full"]["temp_bytes"] < 0.6 * rows["none"]["temp_bytes"]
     assert rows["dots"]["temp_bytes"] < rows["none"]["temp_bytes"]
-    # the same ops in bf16, compiled with and without the checkpoint: bf16 rounding apart
+    # the same bf16 ops, compiled with and without the checkpoint (so fused and rounded
+    # differently): the logits differ by a few bf16 ulps (2**-8 relative each), so the loss
+    # agrees to about 1e-2 relative, not to float32 precision
     np.testing.assert_allclose(losses["full"], losses["none"], rtol=1e-2)

@@ -122,18 +122,6 @@ def test_error_tuple_kernel_on_another_rank():
     )
 
 
-def test_error_tuple_kernel_on_input_missing_an_axis():
-    with pytest.raises(ValueError) as err:
-        fl.conv(8, (3, 3)).init(jax.random.key(0), jnp.zeros((28, 28, 1)))
-    assert str(err.value) == (
-        "conv(8, (3, 3)): input has shape (28, 28, 1) (rank 3), expected rank 4: (batch, "
-        "height, width, features) for a 2-D kernel. Add a batch axis (x[None]) or, for "
-        "one-channel images, a channel axis (x[..., None]). Or, for an input with 1 spatial "
-        "axis (length), give kernel_size an int (that size on every spatial axis) or a tuple "
-        "of 1."
-    )
-
-
 def test_error_tuple_window_on_another_rank():
     with pytest.raises(ValueError) as err:
         fl.max_pool((2,)).init(jax.random.key(0), jnp.zeros((1, 4, 4, 2)))
