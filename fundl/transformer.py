@@ -16,6 +16,8 @@ depth). For other parts (another dropout, a different MLP), build the block from
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -25,6 +27,7 @@ from fundl.core import Layer, call_at, layer_name, named, renamed
 from fundl.dense import dense
 from fundl.dropout import dropout
 from fundl.norm import layer_norm
+from fundl.remat import remat as remat_layer
 
 __all__ = ["attention_residual", "encoder_block", "decoder_block"]
 
@@ -118,6 +121,7 @@ def _block(
     dtype: jnp.dtype | None,
     param_dtype: jnp.dtype | None,
     implementation: str | None,
+    remat: bool | Callable[..., bool] | None,
 ) -> Layer:
     if not isinstance(features, int) or features < 1:
         raise ValueError(
@@ -153,7 +157,15 @@ def _block(
     if drop is not None:
         mlp["drop"] = drop
     block = serial(attn=attention_residual(attention, norm, drop), mlp=residual(serial(**mlp)))
-    return named(block, name, block.children)
+    if remat is None or remat is False:
+        return named(block, name, block.children)
+    if remat is not True and not callable(remat):
+        raise TypeError(
+            f"{name}: remat must be None, True or a policy from jax.checkpoint_policies "
+            f"(e.g. jax.checkpoint_policies.dots_saveable), got {type(remat).__name__}."
+        )
+    policy = None if remat is True else remat
+    return named(remat_layer(block, policy=policy), name, block.children)
 
 
 @renamed(**_RENAMED)
@@ -170,6 +182,7 @@ def encoder_block(
     dtype: jnp.dtype | None = None,
     param_dtype: jnp.dtype | None = None,
     implementation: str | None = None,
+    remat: bool | Callable[..., bool] | None = None,
 ) -> Layer:
     """A pre-norm transformer encoder block (BERT/ViT-style, bidirectional attention).
 
@@ -199,6 +212,11 @@ def encoder_block(
         param_dtype: the storage dtype of their params.
         implementation: the attention kernel (see :func:`fundl.dot_product_attention`);
             ``None`` picks per backend and dtype.
+        remat: recompute the block's activations in the backward pass (see
+            :func:`fundl.remat`): ``None`` (the default) keeps them; ``True`` keeps only the
+            block's input; a policy from ``jax.checkpoint_policies`` (e.g.
+            ``dots_saveable``) keeps what it names. The same params, outputs and
+            gradients; less activation memory for up to one more forward pass.
 
     Returns:
         A :class:`~fundl.Layer` mapping ``(batch, time, features)`` to the same shape.
@@ -208,7 +226,7 @@ def encoder_block(
         num_kv_heads=num_kv_heads, dropout_rate=dropout_rate,
         attention_dropout_rate=attention_dropout_rate, is_causal=False, rope_base=rope_base,
         decode=False, norm=norm, dtype=dtype, param_dtype=param_dtype,
-        implementation=implementation,
+        implementation=implementation, remat=remat,
     )  # fmt: skip
 
 
@@ -227,6 +245,7 @@ def decoder_block(
     dtype: jnp.dtype | None = None,
     param_dtype: jnp.dtype | None = None,
     implementation: str | None = None,
+    remat: bool | Callable[..., bool] | None = None,
 ) -> Layer:
     """A pre-norm causal decoder block (GPT-style): position ``t`` sees positions ``<= t``.
 
@@ -258,6 +277,11 @@ def decoder_block(
         param_dtype: the storage dtype of their params.
         implementation: the attention kernel (see :func:`fundl.dot_product_attention`);
             ``None`` picks per backend and dtype.
+        remat: recompute the block's activations in the backward pass (see
+            :func:`fundl.remat`): ``None`` (the default) keeps them; ``True`` keeps only the
+            block's input; a policy from ``jax.checkpoint_policies`` (e.g.
+            ``dots_saveable``) keeps what it names. The same params, outputs and
+            gradients; less activation memory for up to one more forward pass.
 
     Returns:
         A :class:`~fundl.Layer` mapping ``(batch, time, features)`` to the same shape.
@@ -267,5 +291,5 @@ def decoder_block(
         num_kv_heads=num_kv_heads, dropout_rate=dropout_rate,
         attention_dropout_rate=attention_dropout_rate, is_causal=True, rope_base=rope_base,
         decode=decode, norm=norm, dtype=dtype, param_dtype=param_dtype,
-        implementation=implementation,
+        implementation=implementation, remat=remat,
     )  # fmt: skip

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fundl as fl
-from fundl.core import Layer, named
+from fundl.core import Layer, layer_info, named
 
 pytestmark = pytest.mark.numerics  # .ci/run reruns these under a second XLA CPU configuration
 
@@ -237,3 +237,48 @@ def test_block_renamed_keywords_and_norm_constructors():
     with pytest.raises(ValueError, match=r"^encoder_block\(8, 2\): attention_dropout_rate must "
                                          r"be in \[0, 1\), got 1.5\.$"):  # fmt: skip
         fl.encoder_block(8, 2, attention_dropout_rate=1.5)
+
+
+def _value_and_grad(block, state):
+    def loss(p, x):
+        return jnp.sum(block.apply(p, state, x, key=jax.random.key(1), train=True)[0] ** 2)
+
+    return jax.jit(jax.value_and_grad(loss))
+
+
+def test_block_remat_option_is_off_by_default_and_keeps_the_params():
+    x = jax.ShapeDtypeStruct((2, 5, 8), jnp.float32)  # shapes only: lowering compiles nothing
+    for make in (fl.encoder_block, fl.decoder_block):
+        plain = make(8, 2, mlp_features=12, dropout_rate=0.1)
+        params, state = jax.eval_shape(plain.init, KEY, x)
+        text = _value_and_grad(plain, state).lower(params, x).as_text()
+        assert "optimization_barrier" not in text
+        for off in (None, False):  # remat off: the very same program
+            block = make(8, 2, mlp_features=12, dropout_rate=0.1, remat=off)
+            assert _value_and_grad(block, state).lower(params, x).as_text() == text
+        for remat in (True, jax.checkpoint_policies.dots_saveable):
+            block = make(8, 2, mlp_features=12, dropout_rate=0.1, remat=remat)
+            assert layer_info(block).name == layer_info(plain).name
+            assert jax.eval_shape(block.init, KEY, x) == (params, state)
+            lowered = _value_and_grad(block, state).lower(params, x).as_text()
+            assert "optimization_barrier" in lowered  # the backward pass recomputes
+    with pytest.raises(TypeError, match=r"^decoder_block\(8, 2\): remat must be None, True or "
+                                        r"a policy from jax.checkpoint_policies"):  # fmt: skip
+        fl.decoder_block(8, 2, remat="dots")
+
+
+@pytest.mark.slow  # three compiles of a block's init and gradient: ~5 s of one core
+def test_block_remat_gives_the_same_values_and_gradients():
+    x = rand((2, 5, 8))
+    plain = fl.decoder_block(8, 2, mlp_features=12, dropout_rate=0.1)
+    params, state = jax.jit(plain.init)(KEY, x)
+    block = fl.decoder_block(8, 2, mlp_features=12, dropout_rate=0.1,
+                             remat=jax.checkpoint_policies.dots_saveable)  # fmt: skip
+    value, grads = _value_and_grad(plain, state)(params, x)
+    value_r, grads_r = _value_and_grad(block, state)(params, x)
+    # The recomputed forward pass is the same float32 arithmetic, but XLA fuses the remat
+    # program differently, so sums may round apart by a few ulps: 1e-5 (float32 eps ~1.2e-7
+    # times the tens of terms summed into each gradient entry).
+    np.testing.assert_allclose(value_r, value, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads_r), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
