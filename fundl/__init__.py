@@ -5,7 +5,7 @@ state)`` and ``apply(params, state, *inputs, key=None, train=False) -> (outputs,
 combinators compose them, XLA compiles them, optax trains them.
 """
 
-from fundl import checkpoint, datasets, interop, metrics, testing
+from fundl import checkpoint, datasets, interop, metrics, sharded_checkpoint, testing
 from fundl.activations import (
     elu,
     gelu,
@@ -176,5 +176,6 @@ __all__ = [
     "datasets",
     "interop",
     "metrics",
+    "sharded_checkpoint",
     "testing",
 ]

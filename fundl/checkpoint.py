@@ -4,7 +4,9 @@ Why ``npz`` + JSON and not orbax-checkpoint or safetensors: NumPy is already a d
 so checkpoints cost nothing to install (orbax-checkpoint pulls in tensorstore, etc., tens of
 MB, on every CI run); ``np.load(..., allow_pickle=False)`` runs no code; zip stores a CRC-32
 per array, so a corrupted file is detected; and one file per checkpoint makes the write
-atomic with ``os.replace``. For sharded arrays across several hosts, use orbax-checkpoint.
+atomic with ``os.replace``. For arrays sharded over devices or hosts,
+:mod:`fundl.sharded_checkpoint` writes each process's shards with orbax-checkpoint (an
+optional extra).
 
 A checkpoint file ``ckpt-<step>.npz`` holds the leaves ``leaf_0 ... leaf_N`` of a pytree
 (PRNG keys as their raw key data; bfloat16 and other non-NumPy dtypes as unsigned-integer
@@ -38,6 +40,15 @@ class CheckpointError(ValueError):
 
 def _is_key(x: Any) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def describe(x: Any) -> dict[str, Any]:
+    """A leaf's description in a checkpoint's header: its shape and dtype (``"key"`` and the
+    key's implementation for a PRNG key array), read without copying its data."""
+    if _is_key(x):
+        return {"shape": list(np.shape(x)), "dtype": "key", "impl": str(jax.random.key_impl(x))}
+    dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+    return {"shape": list(np.shape(x)), "dtype": np.dtype(dtype).name}
 
 
 def _encode(x: Any) -> tuple[np.ndarray, dict[str, Any]]:
@@ -144,8 +155,24 @@ def load_checkpoint(path: str | os.PathLike[str], like: Any) -> tuple[Any, Any]:
     if header.get("format") != _FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a {_FORMAT} file.")
 
-    infos = header["leaves"]
     like_leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    expected = check_leaves(path, header["leaves"], like_leaves)
+    infos = header["leaves"]
+    by_path = {info["path"]: (arr, info) for arr, info in zip(arrays, infos, strict=True)}
+    leaves = [_decode(*by_path[p], x) for p, x in expected.items()]
+    return jax.tree_util.tree_unflatten(treedef, leaves), header["meta"]
+
+
+def check_leaves(path: Any, infos: list[dict[str, Any]], like_leaves: list[Any]) -> dict[str, Any]:
+    """Checks a checkpoint's leaf descriptions against a template's ``(path, leaf)`` pairs.
+
+    Returns:
+        ``{path: template leaf}`` in the template's order.
+
+    Raises:
+        CheckpointError: paths missing or unexpected, or shapes or dtypes that differ, each
+            named.
+    """
     expected = {jax.tree_util.keystr(p): x for p, x in like_leaves}
     found = {info["path"]: info for info in infos}
     missing = [p for p in expected if p not in found]
@@ -170,9 +197,7 @@ def load_checkpoint(path: str | os.PathLike[str], like: Any) -> tuple[Any, Any]:
             + "; ".join(wrong)
             + ". Was it written for another model or configuration?"
         )
-    by_path = {info["path"]: (arr, info) for arr, info in zip(arrays, infos, strict=True)}
-    leaves = [_decode(*by_path[p], x) for p, x in expected.items()]
-    return jax.tree_util.tree_unflatten(treedef, leaves), header["meta"]
+    return expected
 
 
 class CheckpointManager:
