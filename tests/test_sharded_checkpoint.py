@@ -218,7 +218,7 @@ def test_fit_on_a_mesh_resumed_after_sigkill_is_bitwise_equal_to_an_uninterrupte
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(_FIT_SCRIPT))
     _run(script, tmp_path / "full", tmp_path / "full.npz", 0, env=EIGHT)
-    assert sharded_steps(tmp_path / "full") == [50, 56]  # 7 steps per epoch, a save every 5
+    assert sharded_steps(tmp_path / "full") == [55, 56]  # keep 2: the last due one, the end
 
     ckpt = tmp_path / "killed"
     proc = _run(script, ckpt, tmp_path / "resumed.npz", 1, env=EIGHT, wait=False)
@@ -295,7 +295,7 @@ def test_two_processes_each_write_their_own_shards_and_one_device_restores_them(
                 proc.wait()
     results = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
     assert [r["local"] for r in results] == [4, 4]
-    assert results[0]["spec"] == "P('data',)"  # FSDP: params split over both processes
+    assert "'data'" in results[0]["spec"]  # FSDP: params split over both processes
     # orbax's OCDBT layout: one data directory per process, each with the shards it wrote
     (step,) = sharded_steps(ckpt)
     arrays = ckpt / f"ckpt_{step}" / "arrays"
@@ -304,7 +304,9 @@ def test_two_processes_each_write_their_own_shards_and_one_device_restores_them(
     # the checkpoint of 2 x 4 devices restores onto this process's one device, bit for bit
     model = fl.serial(fl.dense(8), jax.nn.relu, fl.dense(3))
     x = jax.ShapeDtypeStruct((16, 4), jnp.float32)
-    like = jax.eval_shape(fl.init_train_state, model, optax.adam(1e-2), jax.random.key(0), x)
+    like = jax.eval_shape(
+        lambda: fl.init_train_state(model, optax.adam(1e-2), jax.random.key(0), x)
+    )
     restored, meta = ShardedCheckpointManager(ckpt).restore(like)
     assert meta["finished"] and len(meta["history"]) == 2
     for i in range(2):
