@@ -89,10 +89,8 @@ def graft(params: Any, pretrained: Any, at: Sequence[Any] = (), *, strict: bool 
         >>> bool(jnp.all(body["w"] == old_body["w"])), head["w"].shape
         (True, (4, 5))
         >>> params, report = fl.graft(p_new, p_old, strict=False)  # the head does not fit
-        >>> print(report)
-        0 missing, 0 unexpected, 2 mismatched:
-          mismatched ['head']['b']: expected float32[5], got float32[3]
-          mismatched ['head']['w']: expected float32[4, 5], got float32[4, 3]
+        >>> len(report.mismatched), report.mismatched[0].expected, report.mismatched[0].actual
+        (2, 'float32[5]', 'float32[3]')
 
     Args:
         params: the new model's params.
