@@ -83,8 +83,9 @@ def export(
 
     Raises:
         ValueError: the model cannot be exported (a layer needs a key in inference, or its
-            shapes depend on the data or on the batch size as a number), naming the layer's
-            path and the fix; or a leaf of params or state is a PRNG key.
+            shapes use the batch size as a number), naming the layer's path and the fix; its
+            outputs are of a type the file cannot hold; or a leaf of params or state is a
+            PRNG key.
     """
     path = Path(path)
     weights = _weights(params, state)
@@ -98,8 +99,15 @@ def export(
     specs = _symbolic_batch(example_inputs)
     weight_specs = {n: jax.ShapeDtypeStruct(np.shape(w), w.dtype) for n, w in weights.items()}
     exported = _lower(model, infer, weight_specs, specs, tuple(platforms))
-    manifest = _manifest(model, exported, weights)
-    _write(path, exported.serialize(), weights, manifest)
+    try:
+        program = exported.serialize()
+    except ValueError as err:  # an output of a type jax.export cannot name in the file
+        raise ValueError(
+            f"export: the outputs of {layer_name(model)} cannot be serialized: {err} Return "
+            f"arrays in tuples, lists or dicts (e.g. tuple(outputs)), or register the type in "
+            f"both the exporting and the loading program."
+        ) from None
+    _write(path, program, weights, _manifest(model, exported, weights))
     return path
 
 

@@ -121,7 +121,7 @@ def test_a_model_that_cannot_export_names_the_layer_and_the_fix(tmp_path, layer,
     assert not (tmp_path / "m.npz").exists()
 
 
-def test_keys_in_state_and_scalar_inputs_are_refused(tmp_path):
+def test_keys_in_state_scalar_inputs_and_unnamed_output_types_are_refused(tmp_path):
     model = fl.dense(2)
     params, _ = model.init(jax.random.key(0), jnp.zeros((1, 3)))
     with pytest.raises(ValueError, match=r"export: state\['seed'\] is a PRNG key array"):
@@ -130,6 +130,11 @@ def test_keys_in_state_and_scalar_inputs_are_refused(tmp_path):
         ValueError, match=r"every input needs a leading batch axis, e\.g\. x\[None\]"
     ):
         fl.export(model, params, (), jnp.zeros(()), tmp_path / "b")
+    packed = fl.serial(model, fl.function(lambda y: fl.BatchNormState(y, y), name="pack"))
+    with pytest.raises(ValueError, match=r"export: the outputs of serial cannot be serialized: "
+                       r"Cannot serialize PyTreeDef containing an unregistered type .*"
+                       r"BatchNormState"):  # fmt: skip
+        fl.export(packed, (params, ()), ((), ()), jnp.zeros((1, 3)), tmp_path / "c")
 
 
 # The four models of the issue, each with an input of digits.
