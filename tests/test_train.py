@@ -470,9 +470,11 @@ def test_init_train_state_from_given_params():
     with pytest.raises(ValueError) as err:
         fl.init_train_state(model, opt, jax.random.key(0), jnp.zeros((1, 4)), params=wrong[0])
     assert str(err.value) == (
-        "init_train_state: params for this model differs at ['head']['b']: expected "
-        "float32[3], got float32[5]. Pass params made by this model's init (or grafted into "
-        "them with fl.graft)."
+        "init_train_state: params for this model differs: 0 missing, 0 unexpected, "
+        "2 mismatched:\n"
+        "  mismatched ['head']['b']: expected float32[3], got float32[5]\n"
+        "  mismatched ['head']['w']: expected float32[8, 3], got float32[8, 5]. Pass params "
+        "made by this model's init (or grafted into them with fl.graft)."
     )
 
 
@@ -548,8 +550,9 @@ def test_fit_names_an_optimizer_state_from_another_optimizer():
     model = fl.serial(body=fl.dense(4), head=fl.dense(3))
     frozen = fl.freeze(optax.adam(1e-3), {"body": True, "head": False})
     ts = fl.init_train_state(model, frozen, jax.random.key(0), x)
-    with pytest.raises(ValueError, match=r"fit: the optimizer state of train_state has a "
-                       r"different tree: missing \['\[0\]\.count'.*It was made by another "
+    with pytest.raises(ValueError, match=r"fit: the optimizer state of train_state differs: "
+                       r"9 missing, 5 unexpected, 0 mismatched:\n  missing \[0\]\.count\n"
+                       r"(.|\n)*It was made by another "
                        r"optimizer than the one given to fit\. Start the optimizer afresh: "
                        r"train_state\._replace\(opt_state=optimizer\.init\("):  # fmt: skip
         fl.fit(model, xent, optax.adam(1e-3), (x, y), epochs=1, train_state=ts, progress=False)

@@ -7,7 +7,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from fundl.core import renamed
@@ -165,22 +164,14 @@ def _child(tree: Any, key: Any) -> Any:
 
 
 def check_same_tree(expected: Any, actual: Any, what: str, where: str) -> None:
-    """Raises a ``ValueError`` naming the first path whose structure, shape or dtype differs."""
-    e_leaves, e_def = jax.tree_util.tree_flatten_with_path(expected)
-    a_leaves, a_def = jax.tree_util.tree_flatten_with_path(actual)
-    e_paths = {jax.tree_util.keystr(p): x for p, x in e_leaves}
-    a_paths = {jax.tree_util.keystr(p): x for p, x in a_leaves}
-    missing, extra = sorted(set(e_paths) - set(a_paths)), sorted(set(a_paths) - set(e_paths))
-    if missing or extra:
-        raise ValueError(
-            f"{what} {where} has a different tree: missing {missing}, unexpected {extra}."
-        )
-    for p, e in e_paths.items():
-        a = a_paths[p]
-        if tuple(np.shape(e)) != tuple(np.shape(a)) or np.dtype(e.dtype) != np.dtype(a.dtype):
-            raise ValueError(
-                f"{what} {where} differs at {p}: expected {np.dtype(e.dtype)}{list(np.shape(e))}"
-                f", got {np.dtype(a.dtype)}{list(np.shape(a))}."
-            )
-    if e_def != a_def:
+    """Raises a ``ValueError`` listing every path whose structure, shape or dtype differs.
+
+    The message is ``"{what} {where} differs: "`` and the :class:`fundl.LoadReport`, ending
+    with a period so that callers can append the fix.
+    """
+    report = compare_trees(expected, actual)
+    if not report.ok:
+        raise ValueError(f"{what} {where} differs: {report}.")
+    e_def, a_def = jax.tree_util.tree_structure(expected), jax.tree_util.tree_structure(actual)
+    if e_def != a_def:  # the same paths in other containers, e.g. a dict for a NamedTuple
         raise ValueError(f"{what} {where} has a different tree structure: {a_def} vs {e_def}.")
