@@ -53,10 +53,7 @@ def test_exported_mlp_matches_numpy_at_any_batch_and_keeps_weights_as_arguments(
         # XLA's dot and NumPy's sum in different orders over 64 and 128 terms: float32
         # rounding, a few ulps of the largest partial sums.
         np.testing.assert_allclose(y, _mlp_reference(params, x), rtol=1e-5, atol=1e-5)
-        # the same model compiled in process: the exported program is the same HLO once
-        # the batch is known, so equal to 1e-6
-        want = jax.jit(SEED_MLP.apply)(params, state, x)[0]
-        np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
+        # (fundl's own outputs, to 1e-6, for four models: the slow test below)
 
     with zipfile.ZipFile(path) as zf:
         names = set(zf.namelist())
