@@ -47,6 +47,8 @@ from fundl.embedding import (
     sinusoidal_positions,
     sinusoidal_table,
 )
+from fundl.export import export, load_exported
+from fundl.load_report import LoadReport, compare_trees
 from fundl.metrics import accuracy, masked_mean
 from fundl.norm import BatchNormState, batch_norm, group_norm, layer_norm, rms_norm
 from fundl.plot import plot_history
@@ -165,12 +167,17 @@ __all__ = [
     "NonFiniteLossError",
     "freeze",
     "graft",
+    "LoadReport",
+    "compare_trees",
     "cache_compilations",
     # metrics and tools
     "accuracy",
     "masked_mean",
     "summary",
     "plot_history",
+    # taking a model out
+    "export",
+    "load_exported",
     # submodules
     "checkpoint",
     "datasets",

@@ -12,7 +12,8 @@ A checkpoint file ``ckpt-<step>.npz`` holds the leaves ``leaf_0 ... leaf_N`` of 
 (PRNG keys as their raw key data; bfloat16 and other non-NumPy dtypes as unsigned-integer
 views) and ``__meta__``, UTF-8 JSON with each leaf's path, shape and dtype, and user
 metadata. Loading needs a template tree with the expected structure (for example a freshly
-initialized train state); every path, shape and dtype is checked against it.
+initialized train state); every path, shape and dtype is checked against it, and every
+path that differs is reported at once (:class:`fundl.LoadReport`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+
+from fundl.load_report import LoadReport, compare_leaves
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointManager", "CheckpointError"]
 
@@ -120,23 +123,77 @@ def save_checkpoint(path: str | os.PathLike[str], tree: Any, meta: Any = None) -
     return path
 
 
-def load_checkpoint(path: str | os.PathLike[str], like: Any) -> tuple[Any, Any]:
+def load_checkpoint(
+    path: str | os.PathLike[str], like: Any, *, strict: bool = True
+) -> tuple[Any, Any] | tuple[Any, Any, LoadReport]:
     """Reads a checkpoint written by :func:`save_checkpoint` into the structure of ``like``.
+
+    Every path, shape and dtype is compared with ``like`` (:func:`fundl.compare_trees`):
+    the error lists every missing, unexpected and mismatched path at once. With
+    ``strict=False`` the leaves that match are loaded, the others keep ``like``'s leaf, and
+    the :class:`fundl.LoadReport` of the rest is returned.
+
+    Example:
+        >>> import tempfile, os, jax.numpy as jnp
+        >>> from fundl.checkpoint import save_checkpoint, load_checkpoint
+        >>> path = os.path.join(tempfile.mkdtemp(), "ckpt-0.npz")
+        >>> _ = save_checkpoint(path, {"w": jnp.ones(2), "b": jnp.ones(3)})
+        >>> tree, meta, report = load_checkpoint(path, {"w": jnp.zeros(2)}, strict=False)
+        >>> tree["w"].tolist(), report.unexpected
+        ([1.0, 1.0], ("['b']",))
 
     Args:
         path: the checkpoint file.
         like: a template pytree with the expected structure, shapes and dtypes (e.g. a freshly
-            initialized train state, or ``jax.eval_shape`` of one).
+            initialized train state, or ``jax.eval_shape`` of one; with ``strict=False``,
+            arrays, since the paths that do not match keep ``like``'s leaf).
+        strict: ``True`` raises on any difference; ``False`` loads what matches and returns
+            the report too.
 
     Returns:
         ``(tree, meta)``: the restored tree (NumPy arrays, PRNG keys as key arrays) and the
-        metadata.
+        metadata; with ``strict=False``, ``(tree, meta, report)``.
 
     Raises:
         CheckpointError: the file is missing, truncated or corrupted (a CRC mismatch), not a
-            fundl checkpoint, or its tree differs from ``like`` (naming the paths).
+            fundl checkpoint, or (with ``strict=True``) its tree differs from ``like``,
+            listing every path that does.
     """
     path = Path(path)
+    header, arrays = _read(path)
+    stored = {info["path"]: (arr, info) for arr, info in zip(arrays, header["leaves"], strict=True)}
+    like_leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    expected = {jax.tree_util.keystr(p): x for p, x in like_leaves}
+    specs = {p: _Stored(tuple(info["shape"]), info["dtype"]) for p, (_, info) in stored.items()}
+    report = compare_leaves({p: _spec(x) for p, x in expected.items()}, specs)
+    if strict and not report.ok:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model: {report}\nWas it written for "
+            f"another model or configuration? load_checkpoint(..., strict=False) loads the "
+            f"paths that match and returns this report."
+        )
+    unfit = {m.path for m in report.mismatched}
+    leaves = [
+        _decode(*stored[p], x) if p in stored and p not in unfit else x for p, x in expected.items()
+    ]
+    tree = jax.tree_util.tree_unflatten(treedef, leaves)
+    return (tree, header["meta"]) if strict else (tree, header["meta"], report)
+
+
+class _Stored(NamedTuple):
+    """A stored leaf's shape and dtype name (``"key"`` for PRNG keys), as the header has it."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _spec(x: Any) -> _Stored:
+    """``x``'s shape and dtype as a checkpoint header writes them."""
+    return _Stored(tuple(np.shape(x)), "key" if _is_key(x) else np.dtype(x.dtype).name)
+
+
+def _read(path: Path) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """The header and the arrays of the checkpoint file at ``path``, checked for damage."""
     try:
         with open(path, "rb") as f:
             data = np.load(f, allow_pickle=False)
@@ -154,13 +211,7 @@ def load_checkpoint(path: str | os.PathLike[str], like: Any) -> tuple[Any, Any]:
         ) from None
     if header.get("format") != _FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a {_FORMAT} file.")
-
-    like_leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
-    expected = check_leaves(path, header["leaves"], like_leaves)
-    infos = header["leaves"]
-    by_path = {info["path"]: (arr, info) for arr, info in zip(arrays, infos, strict=True)}
-    leaves = [_decode(*by_path[p], x) for p, x in expected.items()]
-    return jax.tree_util.tree_unflatten(treedef, leaves), header["meta"]
+    return header, arrays
 
 
 def check_leaves(path: Any, infos: list[dict[str, Any]], like_leaves: list[Any]) -> dict[str, Any]:
@@ -170,32 +221,16 @@ def check_leaves(path: Any, infos: list[dict[str, Any]], like_leaves: list[Any])
         ``{path: template leaf}`` in the template's order.
 
     Raises:
-        CheckpointError: paths missing or unexpected, or shapes or dtypes that differ, each
-            named.
+        CheckpointError: listing every missing, unexpected and mismatched path at once
+            (:func:`fundl.compare_leaves`).
     """
     expected = {jax.tree_util.keystr(p): x for p, x in like_leaves}
-    found = {info["path"]: info for info in infos}
-    missing = [p for p in expected if p not in found]
-    extra = [p for p in found if p not in expected]
-    if missing or extra:
+    specs = {info["path"]: _Stored(tuple(info["shape"]), info["dtype"]) for info in infos}
+    report = compare_leaves({p: _spec(x) for p, x in expected.items()}, specs)
+    if not report.ok:
         raise CheckpointError(
-            f"checkpoint {path} does not match the model's tree: missing paths {missing}, "
-            f"unexpected paths {extra}. Was it written for another model?"
-        )
-    wrong = []
-    for p, x in expected.items():
-        info = found[p]
-        want_dtype = "key" if _is_key(x) else np.dtype(x.dtype).name
-        if list(np.shape(x)) != info["shape"] or want_dtype != info["dtype"]:
-            wrong.append(
-                f"{p}: checkpoint {info['dtype']}{info['shape']}, model {want_dtype}"
-                f"{list(np.shape(x))}"
-            )
-    if wrong:
-        raise CheckpointError(
-            f"checkpoint {path} does not match the model at {len(wrong)} path(s): "
-            + "; ".join(wrong)
-            + ". Was it written for another model or configuration?"
+            f"checkpoint {path} does not match the model: {report}\nWas it written for "
+            f"another model or configuration?"
         )
     return expected
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from fundl.core import renamed
+from fundl.load_report import compare_trees, flat_paths
 
 __all__ = ["freeze", "graft"]
 
@@ -67,10 +67,14 @@ def freeze(optimizer: optax.GradientTransformation, frozen: Any) -> optax.Gradie
     return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
 
 
-def graft(params: Any, pretrained: Any, at: Sequence[Any] = ()) -> Any:
-    """Puts ``pretrained`` into ``params`` at the subtree ``at``, checking every shape.
+def graft(params: Any, pretrained: Any, at: Sequence[Any] = (), *, strict: bool = True) -> Any:
+    """Puts ``pretrained`` into ``params`` at the subtree ``at``, checking every path.
 
     Transfer learning: build the new model, init it, then graft the pretrained body into it.
+    Every path of the subtree is compared with ``pretrained`` (:func:`fundl.compare_trees`):
+    the error lists every missing, unexpected and shape- or dtype-mismatched path at once.
+    With ``strict=False`` the leaves that match are grafted, the others keep their values
+    in ``params``, and the :class:`fundl.LoadReport` of the rest is returned with them.
 
     Example:
         >>> import jax, jax.numpy as jnp, fundl as fl
@@ -83,60 +87,91 @@ def graft(params: Any, pretrained: Any, at: Sequence[Any] = ()) -> Any:
         >>> body, head = params["body"], params["head"]
         >>> bool(jnp.all(body["w"] == old_body["w"])), head["w"].shape
         (True, (4, 5))
+        >>> params, report = fl.graft(p_new, p_old, strict=False)  # the head does not fit
+        >>> len(report.mismatched), report.mismatched[0].expected, report.mismatched[0].actual
+        (2, 'float32[5]', 'float32[3]')
 
     Args:
         params: the new model's params.
-        pretrained: the params to put in; same tree structure, shapes and dtypes as the
-            subtree at ``at``.
+        pretrained: the params to put in; same paths, shapes and dtypes as the subtree at
+            ``at``.
         at: the path of the subtree (dict keys or tuple indices); ``()`` is the whole tree.
+        strict: ``True`` raises on any difference; ``False`` grafts what matches and returns
+            the report with the params.
 
     Returns:
-        A new params tree (``params`` is not modified).
+        A new params tree (``params`` is not modified); with ``strict=False``, the pair
+        ``(params, report)``.
 
     Raises:
-        ValueError: naming the first path whose structure, shape or dtype differs.
+        ValueError: ``at`` is not a path of ``params``; or, with ``strict=True``, the
+            subtree differs from ``pretrained``, listing every path that does.
     """
     at = tuple(at)
+    prefix = "".join(f"[{k!r}]" for k in at)
+    report = compare_trees(_subtree(params, at), pretrained, prefix)
+    if strict and not report.ok:
+        raise ValueError(
+            f"graft: pretrained at {at!r} does not fit params{prefix}: {report}\nGraft params "
+            f"of the same model configuration, or pass strict=False to graft the paths that "
+            f"match and get this report."
+        )
+    given = flat_paths(pretrained, prefix)
+    unfit = {m.path for m in report.mismatched}
 
-    def replace(tree, path):
-        if not path:
-            check_same_tree(tree, pretrained, "graft: pretrained", "at " + repr(at))
-            return jax.tree_util.tree_map(jnp.asarray, pretrained)
-        head, rest = path[0], path[1:]
-        if isinstance(tree, dict):
-            if head not in tree:
-                raise ValueError(f"graft: no key {head!r} in params (keys {list(tree)}).")
-            return {**tree, head: replace(tree[head], rest)}
-        if (
-            isinstance(tree, tuple | list)
-            and isinstance(head, int)
-            and -len(tree) <= head < len(tree)
-        ):
-            items = list(tree)
-            items[head] = replace(items[head], rest)
-            return type(tree)(items)
-        raise ValueError(f"graft: cannot index {type(tree).__name__} with {head!r}.")
+    def fitted(subtree):
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(subtree)
+        paths = [prefix + jax.tree_util.keystr(p) for p, _ in leaves]
+        new = [
+            jnp.asarray(given[p]) if p in given and p not in unfit else x
+            for p, (_, x) in zip(paths, leaves, strict=True)
+        ]
+        return jax.tree_util.tree_unflatten(treedef, new)
 
-    return replace(params, at)
+    grafted = _replace(params, at, fitted)
+    return grafted if strict else (grafted, report)
+
+
+def _subtree(tree: Any, at: tuple[Any, ...]) -> Any:
+    """The subtree of ``tree`` at the path ``at``."""
+    for key in at:
+        tree = _child(tree, key)
+    return tree
+
+
+def _replace(tree: Any, at: tuple[Any, ...], fn: Any) -> Any:
+    """A copy of ``tree`` whose subtree at ``at`` is ``fn(subtree)``; the rest is shared."""
+    if not at:
+        return fn(tree)
+    head, rest = at[0], at[1:]
+    new = _replace(_child(tree, head), rest, fn)
+    if isinstance(tree, dict):
+        return {**tree, head: new}
+    items = list(tree)
+    items[head] = new
+    return type(tree)(items)
+
+
+def _child(tree: Any, key: Any) -> Any:
+    """``tree[key]`` for a dict key or a tuple/list index; a ``ValueError`` naming the keys."""
+    if isinstance(tree, dict):
+        if key not in tree:
+            raise ValueError(f"graft: no key {key!r} in params (keys {list(tree)}).")
+        return tree[key]
+    if isinstance(tree, tuple | list) and isinstance(key, int) and -len(tree) <= key < len(tree):
+        return tree[key]
+    raise ValueError(f"graft: cannot index {type(tree).__name__} with {key!r}.")
 
 
 def check_same_tree(expected: Any, actual: Any, what: str, where: str) -> None:
-    """Raises a ``ValueError`` naming the first path whose structure, shape or dtype differs."""
-    e_leaves, e_def = jax.tree_util.tree_flatten_with_path(expected)
-    a_leaves, a_def = jax.tree_util.tree_flatten_with_path(actual)
-    e_paths = {jax.tree_util.keystr(p): x for p, x in e_leaves}
-    a_paths = {jax.tree_util.keystr(p): x for p, x in a_leaves}
-    missing, extra = sorted(set(e_paths) - set(a_paths)), sorted(set(a_paths) - set(e_paths))
-    if missing or extra:
-        raise ValueError(
-            f"{what} {where} has a different tree: missing {missing}, unexpected {extra}."
-        )
-    for p, e in e_paths.items():
-        a = a_paths[p]
-        if tuple(np.shape(e)) != tuple(np.shape(a)) or np.dtype(e.dtype) != np.dtype(a.dtype):
-            raise ValueError(
-                f"{what} {where} differs at {p}: expected {np.dtype(e.dtype)}{list(np.shape(e))}"
-                f", got {np.dtype(a.dtype)}{list(np.shape(a))}."
-            )
-    if e_def != a_def:
+    """Raises a ``ValueError`` listing every path whose structure, shape or dtype differs.
+
+    The message is ``"{what} {where} differs: "`` and the :class:`fundl.LoadReport`, ending
+    with a period so that callers can append the fix.
+    """
+    report = compare_trees(expected, actual)
+    if not report.ok:
+        raise ValueError(f"{what} {where} differs: {report}.")
+    e_def, a_def = jax.tree_util.tree_structure(expected), jax.tree_util.tree_structure(actual)
+    if e_def != a_def:  # the same paths in other containers, e.g. a dict for a NamedTuple
         raise ValueError(f"{what} {where} has a different tree structure: {a_def} vs {e_def}.")
