@@ -223,7 +223,8 @@ def with_policy(model: Layer, policy: Policy) -> Layer:
         >>> mixed = fl.with_policy(model, policy)
         >>> params, state = mixed.init(jax.random.key(0), jnp.zeros((1, 3)))
         >>> y, _ = mixed.apply(params, state, jnp.ones((1, 3)))
-        >>> params[0]["w"].dtype, y.dtype
+        >>> first = params[0]  # the dense layer's params: float32 master weights
+        >>> first["w"].dtype, y.dtype
         (dtype('float32'), dtype('float32'))
 
     Args:
