@@ -160,7 +160,7 @@ def param_paths(model: Layer, params: Any) -> list[str]:
     Example:
         >>> import jax, jax.numpy as jnp, fundl as fl
         >>> model = fl.serial(fl.dense(4), fl.layer_norm(), fl.dense(2))
-        >>> params, _ = model.init(jax.random.key(0), jnp.zeros((1, 3)))
+        >>> params, _ = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3)))
         >>> fl.param_paths(model, params)  # doctest: +NORMALIZE_WHITESPACE
         ["serial[0] dense(4)['b']", "serial[0] dense(4)['w']",
          "serial[1] layer_norm()['bias']", "serial[1] layer_norm()['scale']",
@@ -222,7 +222,7 @@ def with_policy(model: Layer, policy: Policy) -> Layer:
         >>> policy = fl.Policy(jnp.float32, jnp.bfloat16, jnp.float32, keep=("*norm*",))
         >>> mixed = fl.with_policy(model, policy)
         >>> params, state = mixed.init(jax.random.key(0), jnp.zeros((1, 3)))
-        >>> y, _ = mixed.apply(params, state, jnp.ones((1, 3)))
+        >>> y, _ = jax.jit(mixed.apply)(params, state, jnp.ones((1, 3)))
         >>> first = params[0]  # the dense layer's params: float32 master weights
         >>> first["w"].dtype, y.dtype
         (dtype('float32'), dtype('float32'))
