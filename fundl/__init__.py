@@ -53,6 +53,7 @@ from fundl.metrics import accuracy, masked_mean
 from fundl.norm import BatchNormState, batch_norm, group_norm, layer_norm, rms_norm
 from fundl.plot import plot_history
 from fundl.pooling import avg_pool, global_avg_pool, global_max_pool, max_pool
+from fundl.precision import Policy, param_paths, with_policy
 from fundl.recurrent import (
     Cell,
     bidirectional,
@@ -170,6 +171,10 @@ __all__ = [
     "LoadReport",
     "compare_trees",
     "cache_compilations",
+    # precision
+    "Policy",
+    "with_policy",
+    "param_paths",
     # metrics and tools
     "accuracy",
     "masked_mean",
