@@ -35,6 +35,11 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if item.name.startswith("fundl.plot."):
                 item.add_marker(no_plot)
+    if importlib.util.find_spec("orbax") is None:  # an optional extra: fundl[orbax]
+        reason = 'orbax-checkpoint is not installed (pip install "fundl[orbax]")'
+        for item in items:
+            if item.name.startswith("fundl.sharded_checkpoint."):
+                item.add_marker(pytest.mark.skip(reason=reason))
     if os.environ.get("FUNDL_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow: run with FUNDL_SLOW=1")

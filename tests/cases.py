@@ -130,6 +130,16 @@ def remat_cases(draw: st.DrawFn) -> LayerCase:
 
 
 @st.composite
+def with_policy_cases(draw: st.DrawFn) -> LayerCase:
+    """``with_policy`` around dense -> layer_norm -> dense with the norm kept: the policy's
+    casts and keep paths (float32 compute: the contract's gradient checks need it)."""
+    batch, n_in, out = draw(batch_sizes()), draw(feature_sizes()), draw(feature_sizes())
+    body = fl.serial(fl.dense(out), fl.layer_norm(), fl.dense(out))
+    layer = fl.with_policy(body, fl.Policy(keep=("*norm*",)))
+    return LayerCase(layer, (draw(normal_arrays((batch, n_in))),), (batch, out))
+
+
+@st.composite
 def residual_cases(draw: st.DrawFn) -> LayerCase:
     """``residual`` around a two-layer MLP that preserves the width."""
     batch, width, hidden = draw(batch_sizes()), draw(feature_sizes()), draw(feature_sizes())

@@ -29,6 +29,7 @@ LAYERS = [
     Descriptor("branch", cases.branch_cases()),
     Descriptor("residual", cases.residual_cases()),
     Descriptor("remat", cases.remat_cases()),
+    Descriptor("with_policy", cases.with_policy_cases()),
     Descriptor("shared", cases.shared_cases()),
     Descriptor("embedding", cases.embedding_cases()),
     Descriptor("sinusoidal_positions", cases.sinusoidal_positions_cases()),

@@ -145,7 +145,9 @@ def fit(
         check_data: check in-memory data (and each batch of an iterable) for NaN/inf and
             integer labels outside the model's output range before training.
         checkpoint_dir: a directory for checkpoints of the whole run (train state, data
-            position, history); see :mod:`fundl.checkpoint`.
+            position, history); see :mod:`fundl.checkpoint`. On a mesh (a train state on
+            several devices) sharded checkpoints, each process writing its own shards
+            (:mod:`fundl.sharded_checkpoint`; needs ``pip install "fundl[orbax]"``).
         checkpoint_every: write a checkpoint every this many steps (and always at the end).
         keep_checkpoints: keep the newest this many checkpoints.
         resume: when ``checkpoint_dir`` holds a checkpoint, continue from the newest one;
