@@ -2,7 +2,8 @@
 
     python -m benchmarks --suite attention      # or: python -m benchmarks.attention_step
 
-One causal self-attention layer (batch 8, 256 positions, width 256, 8 heads): forward,
+One causal self-attention layer (batch 8, 256 positions, width 256, 8 heads; then the shapes
+of :data:`SWEEP` against the two fastest peers): forward,
 mean-squared error, grad, adam update; params and optimizer state donated. Baseline: the
 same computation hand-written with ``jax.nn.dot_product_attention`` (its XLA path); also
 hand-written explicit softmax, fundl (its default kernel for this backend and dtype), and
@@ -33,6 +34,11 @@ from benchmarks.steps import GpuRun, in_dtype, make_step, measure_run, mse
 from benchmarks.timing import CaseResult
 
 BATCH, TIME, WIDTH, HEADS = 8, 256, 256, 8
+SWEEP = ((32, 128, 256, 4), (4, 512, 512, 8), (64, 64, 256, 8), (16, 128, 512, 8))
+"""More ``(batch, positions, width, heads)``: short sequences (head widths 32 and 64, where
+per-head matmuls are small), a long one and a wide one, raced against the two fastest peers."""
+SWEEP_NAMES = ("jax.nn.dot_product_attention", "fundl", "flax linen", "equinox")
+"""The implementations each sweep shape runs (the main shape runs them all)."""
 GPU_SIZES = (32, 1024, 1024, 16)
 """``--gpu``: batch, positions, width, heads."""
 
@@ -178,12 +184,16 @@ def implementations(weights, x, heads, dtype=None):
     return impls | peer_impls, notes
 
 
-def attention_case(quick: bool, gpu: GpuRun | None = None) -> CaseResult:
+def attention_case(
+    quick: bool, gpu: GpuRun | None = None, sizes: tuple | None = None, names=None
+) -> CaseResult:
     """The train-step case; ``quick`` shrinks it to (2, 64, 64), 4 heads (a smoke run).
 
     ``gpu``: :data:`GPU_SIZES` (unless ``quick``) in ``gpu.dtype``, with throughput and MFU.
+    ``sizes``: ``(batch, positions, width, heads)`` instead; ``names``: run only these
+    implementations.
     """
-    batch, time_, width, heads = (
+    batch, time_, width, heads = sizes or (
         (2, 64, 64, 4) if quick else GPU_SIZES if gpu else (BATCH, TIME, WIDTH, HEADS)
     )
     dtype = gpu.dtype if gpu else None
@@ -195,11 +205,12 @@ def attention_case(quick: bool, gpu: GpuRun | None = None) -> CaseResult:
     weights = jax.tree.map(lambda w: w + 0.01, weights)  # non-zero biases
     opt = optax.adam(1e-3)
     impls, notes = implementations(weights, x, heads, dtype)
-    impls = {name: (make_step(loss, opt), params) for name, (loss, params) in impls.items()}
+    impls = {name: (make_step(loss, opt), params) for name, (loss, params) in impls.items()
+             if names is None or name in names}  # fmt: skip
     steps = 1 if quick else 3
     case = (f"causal self-attention train step, batch {batch}, {time_} positions, width "
             f"{width}, {heads} heads")  # fmt: skip
-    rounds = 2 if quick else 5 if gpu else 15
+    rounds = 2 if quick else 5 if gpu else 15 if names is None else 9
     speed = Speed(batch * time_, "tokens")
     res = measure_run(gpu, case, impls, opt, x, target, steps, rounds, speed)
     kernel_dtype = jnp.dtype(dtype or jnp.float32)
@@ -212,8 +223,14 @@ def attention_case(quick: bool, gpu: GpuRun | None = None) -> CaseResult:
 
 
 def run(quick: bool = False, gpu: GpuRun | None = None) -> list[CaseResult]:
-    """The attention train-step case (the deep-stack compile case is in the transformer suite)."""
-    return [attention_case(quick, gpu)]
+    """The attention train-step case and the shape sweep (CPU runs; not ``quick``).
+
+    The deep-stack compile case is in the transformer suite.
+    """
+    sweep = () if quick or gpu else SWEEP
+    return [attention_case(quick, gpu)] + [
+        attention_case(quick, sizes=sizes, names=SWEEP_NAMES) for sizes in sweep
+    ]
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from benchmarks.steps import (
     measure_run,
     nnx_train_step,
 )
-from benchmarks.timing import CaseResult
+from benchmarks.timing import CaseResult, timed
 
 LEARNING_RATE = 1e-3
 """Adam's learning rate in every implementation."""
@@ -181,6 +181,8 @@ def case(batch: int, quick: bool, rng, gpu: GpuRun | None = None) -> CaseResult:
     name, steps = f"mlp train step, batch {batch}", 2 if quick else 20
     rounds = 3 if quick else 30 if gpu else 150
     res = measure_run(gpu, name, impls, opt, x, y, steps, rounds, Speed(batch, "examples"))
+    if gpu is None and batch == 8:
+        res.notes.append(flatten_note(impls, opt, quick))
     if gpu is not None:
         res.notes.append(
             f"{jnp.dtype(dtype).name} compute over float32 params; the seed "
@@ -188,6 +190,30 @@ def case(batch: int, quick: bool, rng, gpu: GpuRun | None = None) -> CaseResult:
         )
     res.notes.extend(notes)
     return res
+
+
+def flatten_note(impls: dict, opt, quick: bool) -> str:
+    """A note: what ``jax.jit`` spends flattening each step's params and optimizer state.
+
+    Every call of a jitted step flattens its arguments (in C++) to find the compiled
+    program; a dict node costs more than a tuple (its keys are sorted and compared). The
+    best of 20 rounds of 2,000 flattens (2 of 20 in a quick run), one process: a difference
+    between two steps that compile to the same XLA program is this.
+    """
+    times = {}
+    for name in ("plain JAX", "fundl", "stax", "haiku"):
+        if name not in impls:
+            continue
+        tree = (impls[name][1], opt.init(impls[name][1]))
+        times[name] = (
+            min(
+                timed(lambda tree=tree: [jax.tree_util.tree_flatten(tree) for _ in range(2000)])[1]
+                for _ in range(2 if quick else 20)
+            )
+            / 2000
+        )
+    spent = ", ".join(f"{name} {s * 1e6:.1f} us" for name, s in times.items())
+    return f"per call, jit flattens the params and adam state: {spent}"
 
 
 def run(

@@ -10,7 +10,8 @@ compared before timing, so all compute the same thing. They run interleaved roun
 (``benchmarks.timing``); the case reports each one's median and spread, its ratio to plain
 JAX and, as a note, fundl's ratio to the fastest implementation of the run (target <= 1.0),
 then fundl's compile time at 1,024 steps over that at 16 steps (the scan compiles once, so
-the ratio should stay near 1; target <= 1.3).
+the ratio should stay near 1; target <= 1.3). Then batch 8 and 64 and hidden 128 and 512
+(:data:`SWEEP`) against the hand-written scan, Flax linen and Equinox.
 
 Two hand-written references: the baseline projects the input inside each step; the other
 (the textbook form) hoists the input projection out of the scan (one big matmul). On a 2-core CPU
@@ -58,8 +59,14 @@ GPU_SKIPS = {"flax linen": "nn.RNN's carry takes its cell's param_dtype (float32
 """Peers that ``--gpu`` skips besides Keras 3 (see :mod:`benchmarks.peers`), and why."""
 
 
-FUSED = "fundl rnn(lstm_cell, fused_backward=True)"
-"""fundl with the params' gradients fused after the backward loop (reverse mode only)."""
+UNFUSED = "fundl rnn(lstm_cell, fused_backward=False)"
+"""fundl with JAX's autodiff of the scan (the params' gradients accumulated in the loop)."""
+SWEEP = ({**SIZES, "batch": 8}, {**SIZES, "batch": 64}, {**SIZES, "hidden": 128},
+         {**SIZES, "hidden": 512})  # fmt: skip
+"""More sizes (CPU runs, not ``--quick``): batch 8 and 64, hidden 128 and 512."""
+SWEEP_NAMES = ("plain JAX lax.scan", "fundl rnn(lstm_cell)", "flax linen nn.RNN(LSTMCell)",
+               "flax linen nn.RNN(OptimizedLSTMCell)", "equinox LSTMCell + lax.scan")  # fmt: skip
+"""The implementations each sweep size runs (the main size runs them all)."""
 
 
 def _plain_loss(hoist: bool, unroll: int):
@@ -169,13 +176,13 @@ def implementations(weights, opt, unroll: int = 1, only: str | None = None, dtyp
     """
     hidden = weights["wh"].shape[0]
     layer = fl.rnn(fl.lstm_cell(hidden, dtype=dtype), unroll=unroll)
-    fused = fl.rnn(fl.lstm_cell(hidden, dtype=dtype), unroll=unroll, fused_backward=True)
+    unfused = fl.rnn(fl.lstm_cell(hidden, dtype=dtype), unroll=unroll, fused_backward=False)
     hoisted = in_dtype(_plain_loss(True, unroll), dtype)
     impls = {
         "plain JAX lax.scan": (in_dtype(_plain_loss(False, unroll), dtype), weights),
         "plain JAX lax.scan, hoisted projection": (hoisted, weights),
         "fundl rnn(lstm_cell)": (lambda p, x, y: mse(layer.apply(p, (), x)[0], y), weights),
-        FUSED: (lambda p, x, y: mse(fused.apply(p, (), x)[0], y), weights),
+        UNFUSED: (lambda p, x, y: mse(unfused.apply(p, (), x)[0], y), weights),
     }
     makers = {
         label: (peer, functools.partial(case, weights))
@@ -209,14 +216,31 @@ def run(
     only: str | None = None,
     gpu: GpuRun | None = None,
 ) -> list[CaseResult]:
-    """The LSTM train-step case; ``quick`` uses tiny sizes and one short round.
+    """The LSTM train-step case, then the sizes of :data:`SWEEP` (CPU runs, not ``quick``).
 
-    ``gpu``: :data:`GPU` sizes (unless ``quick``) in ``gpu.dtype``, with throughput and MFU,
-    without the compile-time ratio.
+    ``quick`` uses tiny sizes and one short round. ``gpu``: :data:`GPU` sizes (unless
+    ``quick``) in ``gpu.dtype``, with throughput and MFU, without the compile-time ratio.
     """
     sizes = QUICK if quick else GPU if gpu else SIZES
     rounds = rounds or (1 if quick else 5 if gpu else 7)
     steps = steps or (1 if quick else 2 if gpu else 5)
+    res, notes = lstm_case(sizes, rounds, steps, unroll, only, gpu)
+    fundl, unfused = res.timings[2:4]
+    res.notes.append(f"with fused_backward=False: fundl / plain JAX lax.scan = "
+                     f"{unfused.ratio:.3f}; "
+                     f"{note_vs_fastest(res, unfused.name, exclude=[fundl.name])}")  # fmt: skip
+    if gpu is not None:
+        res.notes.append("compile(1024) / compile(16) not measured under --gpu (see the CPU run)")
+        res.notes.extend(notes)
+        return [res]
+    res.notes.append(compile_note(sizes, quick, unroll))
+    res.notes.extend(notes)
+    sweep = [] if quick else SWEEP
+    return [res] + [lstm_case(s, 5, 3, unroll, only, None, SWEEP_NAMES)[0] for s in sweep]
+
+
+def lstm_case(sizes, rounds, steps, unroll, only, gpu, names=None):
+    """One size's case, with the note of fundl against the fastest, and the skip notes."""
     dtype = gpu.dtype if gpu else None
     b, t, f, h = sizes["batch"], sizes["time"], sizes["features"], sizes["hidden"]
     rng = np.random.default_rng(0)
@@ -225,6 +249,7 @@ def run(
     weights, _ = fl.rnn(fl.lstm_cell(h)).init(jax.random.key(0), x.astype(jnp.float32))
     opt = optax.adam(1e-3)
     impls, notes = implementations(weights, opt, unroll, only, dtype)
+    impls = {n: impl for n, impl in impls.items() if names is None or n in names}
     case = f"lstm train step, batch {b}, {t} steps, {f} inputs, {h} hidden"
     # XLA's cost analysis counts a scan's body once: the matmuls' FLOPs by hand instead,
     # 2 per multiply-add of x W_i and h W_h over every step, forward and backward (3x)
@@ -232,29 +257,23 @@ def run(
     speed = Speed(b * t, "tokens", model_flops=flops,
                   flops_source="the matmuls, 6 B T (in + H) 4H")  # fmt: skip
     res = measure_run(gpu, case, impls, opt, x, y, steps, rounds, speed)
-    _, hoisted, fundl, fused = res.timings[:4]
-    vs_hoisted = fundl.median_s / hoisted.median_s
-    res.notes.append(f"fundl / plain JAX lax.scan = {fundl.ratio:.3f} (/ the hoisted one = "
-                     f"{vs_hoisted:.3f}); "
-                     f"{note_vs_fastest(res, fundl.name, exclude=[fused.name])}")  # fmt: skip
-    res.notes.append(f"with fused_backward=True: fundl / plain JAX lax.scan = {fused.ratio:.3f}; "
-                     f"{note_vs_fastest(res, fused.name, exclude=[fundl.name])}")  # fmt: skip
-    if gpu is not None:
-        res.notes.append("compile(1024) / compile(16) not measured under --gpu (see the CPU run)")
-        res.notes.extend(notes)
-        return [res]
-    # Compile time at 16 and 1,024 steps, interleaved, medians (one pair in a quick run).
+    fundl = next(r for r in res.timings if r.name == "fundl rnn(lstm_cell)")
+    exclude = [UNFUSED] if names is None else []
+    res.notes.append(f"fundl / plain JAX lax.scan = {fundl.ratio:.3f}; "
+                     f"{note_vs_fastest(res, fundl.name, exclude=exclude)}")  # fmt: skip
+    return res, notes
+
+
+def compile_note(sizes: dict, quick: bool, unroll: int) -> str:
+    """Compile time at 16 and 1,024 steps, interleaved, medians (one pair in a quick run)."""
+    opt = optax.adam(1e-3)
     c16s, c1024s = [], []
     for _ in range(1 if quick else 5):
         c16s.append(compile_seconds(sizes, 16, opt, unroll))
         c1024s.append(compile_seconds(sizes, 1024, opt, unroll))
     c16, c1024 = statistics.median(c16s), statistics.median(c1024s)
-    res.notes.append(
-        f"fundl compile (CPU time) {c16:.2f} s at 16 steps, {c1024:.2f} s at 1024: "
-        f"compile(1024) / compile(16) = {c1024 / c16:.2f} (target <= 1.3)"
-    )
-    res.notes.extend(notes)
-    return [res]
+    return (f"fundl compile (CPU time) {c16:.2f} s at 16 steps, {c1024:.2f} s at 1024: "
+            f"compile(1024) / compile(16) = {c1024 / c16:.2f} (target <= 1.3)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -550,12 +550,13 @@ def rnn_cases(draw: st.DrawFn) -> LayerCase:
     """``fl.rnn`` over every cell kind and option, with or without ``lengths``.
 
     Draws ``return_sequences``, ``return_carry``, ``reverse``, ``unroll``, ``hoist`` and
-    ``fused_backward`` (whose cases are differentiable in reverse mode only); inputs are
+    ``fused_backward`` (``True`` cases are differentiable in reverse mode only); inputs are
     ``(x,)`` or ``(x, lengths)`` with ``x`` of shape ``(batch, time, in)``.
     """
     kind, features, cell = draw(cells())
     batch, time, n_in = draw(batch_sizes(3)), draw(st.integers(1, 4)), draw(feature_sizes(3))
-    seqs, with_carry, fused = draw(st.booleans()), draw(st.booleans()), draw(st.booleans())
+    seqs, with_carry = draw(st.booleans()), draw(st.booleans())
+    fused = draw(st.sampled_from([None, True, False]))
     layer = fl.rnn(
         cell,
         return_sequences=seqs,
@@ -570,6 +571,7 @@ def rnn_cases(draw: st.DrawFn) -> LayerCase:
     out: Any = (batch, time, features) if seqs else (batch, features)
     if with_carry:
         out = (out, _carry_shapes(kind, batch, features))
+    # fused_backward=True is reverse mode only; None falls back to the plain scan under jvp
     return LayerCase(layer, inputs, out, grad_modes=("rev",) if fused else ("fwd", "rev"))
 
 

@@ -376,6 +376,43 @@ def test_fused_backward_is_reverse_mode_only():
     assert repr(layer) == "Layer(rnn(lstm_cell(3), fused_backward=True))"
 
 
+def test_fused_backward_by_default_unless_forward_mode():
+    layer, plain = fl.rnn(fl.lstm_cell(3)), fl.rnn(fl.lstm_cell(3), fused_backward=False)
+    fused = fl.rnn(fl.lstm_cell(3), fused_backward=True)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 3)), jnp.float32)
+    params, state = layer.init(jax.random.key(0), x)
+
+    def loss(layer):
+        return lambda p: jnp.sum(layer.apply(p, state, x)[0] ** 2)
+
+    def jvp(layer):
+        return lambda p: jax.jvp(loss(layer), (p,), (p,))
+
+    def same_program(f, g):
+        return str(jax.make_jaxpr(f)(params)) == str(jax.make_jaxpr(g)(params))
+
+    # reverse mode, also under vmap, fuses; forward mode (jvp, jacfwd) runs the plain scan
+    assert same_program(jax.grad(loss(layer)), jax.grad(loss(fused)))
+    assert not same_program(jax.grad(loss(layer)), jax.grad(loss(plain)))
+    def per_example(layer):  # the params' gradient of each sequence, under vmap
+        one = lambda p, seq: jnp.sum(layer.apply(p, state, seq[None])[0] ** 2)  # noqa: E731
+        return lambda p: jax.vmap(jax.grad(one), (None, 0))(p, x)
+
+    assert same_program(per_example(layer), per_example(fused))
+    assert same_program(jvp(layer), jvp(plain))
+    # same numbers either way (float32 rounding: the weights' gradient summed in another
+    # order, after the loop instead of inside it)
+    assert_trees_close(jax.grad(loss(layer))(params), jax.grad(loss(plain))(params),
+                       atol=1e-5, rtol=1e-5, what="grad")  # fmt: skip
+    assert_trees_close(jvp(layer)(params), jvp(plain)(params), atol=1e-5, rtol=1e-5, what="jvp")
+    jac = jax.jacfwd(lambda x: layer.apply(params, state, x)[0])(x)
+    assert jac.shape == (2, 4, 3, 2, 4, 3)
+    # forward mode through a function jitted before jvp sees it cannot be detected
+    with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+        jax.jvp(jax.jit(loss(layer)), (params,), (params,))
+    jax.jvp(jax.jit(loss(plain)), (params,), (params,))  # the documented fix
+
+
 def test_fused_backward_in_bfloat16():
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 8, 6)), jnp.float32)
     grads = []

@@ -1,4 +1,4 @@
-r"""The fused backward pass of :func:`fundl.rnn` (``fused_backward=True``).
+r"""The fused backward pass of :func:`fundl.rnn` (its default for the built-in cells).
 
 JAX's autodiff of ``lax.scan`` accumulates the params' gradients step by step inside the
 backward loop. Here a ``jax.custom_vjp`` runs the backward loop on the carry only, stacking
@@ -17,11 +17,39 @@ import jax.numpy as jnp
 
 from fundl.recurrent.cells import Carry, StepParts
 
-__all__ = ["fused_scan"]
+try:  # the tracer types of forward-mode autodiff and of vmap (private to JAX)
+    from jax._src.interpreters.ad import JVPTracer, LinearizeTracer
+    from jax._src.interpreters.batching import BatchTracer
+except ImportError:  # pragma: no cover - a JAX that moved them: never fuse by default
+    JVPTracer = LinearizeTracer = BatchTracer = None
+
+__all__ = ["fused_scan", "under_forward_mode"]
 
 Masked = Callable[[Carry, Carry, Any, Any], tuple[Carry, Any]]
 """``masked(carry, new_carry, y, m) -> (new_carry, y)``: a step's result, checked against
 the carry, with the carry kept and ``y`` zero where ``m`` (``(batch,)``) is False."""
+
+
+def under_forward_mode(tree: Any) -> bool:
+    """Whether forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) traces a leaf of ``tree``.
+
+    Follows each leaf's tracers inward through ``vmap`` and reverse-mode linearization, the
+    transformations that keep their inner values (a ``jit`` or ``checkpoint`` trace hides
+    what is outside it). True when JAX's tracer types cannot be imported, to stay correct.
+    """
+    if JVPTracer is None:  # pragma: no cover
+        return True
+    for leaf in jax.tree_util.tree_leaves(tree):
+        while isinstance(leaf, jax.core.Tracer):
+            if isinstance(leaf, JVPTracer):
+                return True
+            if isinstance(leaf, LinearizeTracer):
+                leaf = leaf.primal
+            elif isinstance(leaf, BatchTracer):
+                leaf = leaf.val
+            else:
+                break
+    return False
 
 
 def _residual(parts: StepParts, masked: Masked) -> tuple[Callable, Callable, Callable]:

@@ -23,7 +23,7 @@ import numpy as np
 
 from fundl.core import Layer, call_at, check_floating, named
 from fundl.recurrent.cells import Carry, Cell, as_cell
-from fundl.recurrent.fused import fused_scan
+from fundl.recurrent.fused import fused_scan, under_forward_mode
 
 __all__ = ["rnn"]
 
@@ -195,16 +195,20 @@ def _fused_scan(
     return carry, ys, state
 
 
-def _choose_scan(cell: Cell, state: Any, hoist: bool | None, fused_backward: bool) -> Scan:
+def _choose_scan(
+    cell: Cell, state: Any, hoist: bool | None, fused_backward: bool | None, traced: Any
+) -> Scan:
     """The one scan strategy for ``cell`` and ``rnn``'s options.
 
     Built-in cells (with ``parts``, and no state) get the fast strategies; ``hoist=None``
-    hoists on GPU and TPU, not on CPU.
+    hoists on GPU and TPU, not on CPU; ``fused_backward=None`` fuses unless forward-mode
+    autodiff traces ``traced`` (the params, carry and input).
     """
     if cell.parts is None or not (isinstance(state, tuple) and not state):
         return _generic_scan
     hoisted = jax.default_backend() != "cpu" if hoist is None else hoist
-    if fused_backward:
+    fused = not under_forward_mode(traced) if fused_backward is None else fused_backward
+    if fused:
         return functools.partial(_fused_scan, hoisted=hoisted)
     return _hoisted_scan if hoisted else _in_step_scan
 
@@ -256,7 +260,7 @@ def rnn(
     reverse: bool = False,
     unroll: int | bool = 1,
     hoist: bool | None = None,
-    fused_backward: bool = False,
+    fused_backward: bool | None = None,
 ) -> Layer:
     r"""Runs ``cell`` over the time axis with ``jax.lax.scan``: compiled once for any length.
 
@@ -286,14 +290,21 @@ def rnn(
     more than it saves (see ``benchmarks/rnn_step.py``). The numbers agree either way up to
     float rounding.
 
-    ``fused_backward=True`` (built-in cells) gives the scan a hand-written backward pass
-    that computes the params' gradients after the backward loop, as one matmul over all
-    steps (:math:`\sum_t h_{t-1}^\top \delta z_t` for :math:`W_h`, as cuDNN does), instead
-    of the step-by-step accumulation inside the loop that JAX's autodiff of ``lax.scan``
-    makes; ``benchmarks/rnn_step.py`` compares the two. The price: reverse mode only.
-    ``jax.grad``, ``jax.vjp``, ``jax.hessian`` and gradients of gradients work;
-    ``jax.jvp`` and ``jax.jacfwd`` of the layer raise (a ``jax.custom_vjp``), so the
-    default stays off.
+    For the built-in cells the backward pass is fused by default: a hand-written backward
+    pass (a ``jax.custom_vjp``) computes the params' gradients after the backward loop, as
+    one matmul over all steps (:math:`\sum_t h_{t-1}^\top \delta z_t` for :math:`W_h`, as
+    cuDNN does), instead of the step-by-step accumulation inside the loop that JAX's
+    autodiff of ``lax.scan`` makes (``benchmarks/rnn_step.py`` compares the two). A
+    ``custom_vjp`` has no forward mode, so with ``fused_backward=None`` (the default) the
+    layer checks its inputs' tracers at trace time and runs the plain scan when forward-mode
+    autodiff (``jax.jvp``, ``jax.jacfwd``) traces them directly. ``jax.grad``, ``jax.vjp``,
+    ``jax.hessian`` and gradients of gradients use the fused pass. Forward mode the check
+    cannot see, because it reaches the layer only through a function already traced to a
+    jaxpr (``jax.jvp`` of a ``jax.jit``-ed or ``jax.checkpoint``-ed function calling the
+    layer) or because it is ``jax.linearize``, raises JAX's "can't apply forward-mode
+    autodiff (jvp) to a custom_vjp function": pass ``fused_backward=False`` there.
+    ``True`` always fuses; ``False`` never does. Both give the same numbers up to float
+    rounding.
 
     Example:
         >>> import jax, jax.numpy as jnp, fundl as fl
@@ -315,7 +326,8 @@ def rnn(
         hoist: project the inputs of all steps before the scan (see above). ``None``
             (default) hoists on GPU and TPU, not on CPU (``jax.default_backend()``).
         fused_backward: the params' gradients as one matmul after the backward loop (see
-            above; reverse-mode autodiff only). Ignored by custom cells.
+            above): ``None`` (default) unless forward-mode autodiff traces the inputs,
+            ``True`` always (reverse mode only), ``False`` never. Ignored by custom cells.
 
     Returns:
         A :class:`~fundl.Layer` mapping ``(batch, time, in)`` to ``(batch, time, H)`` or
@@ -340,7 +352,7 @@ def rnn(
         mask = _time_mask(opts.name, x, lengths)
         carry = _start_carry(opts.name, cell, carry, x, abstract=False)
         masks = None if mask is None else jnp.swapaxes(mask, 0, 1)  # [T, B]
-        scan = _choose_scan(cell, state, hoist, fused_backward)
+        scan = _choose_scan(cell, state, hoist, fused_backward, (params, carry, x))
         carry, ys, state = scan(cell, opts, params, state, carry, x, masks, key, train)
         ys = jax.tree_util.tree_map(lambda v: jnp.swapaxes(v, 0, 1), ys)  # [B, T, ...]
         if not return_sequences:
@@ -352,7 +364,7 @@ def rnn(
 
 
 _DEFAULTS = {"return_sequences": True, "return_carry": False, "reverse": False, "unroll": 1,
-             "hoist": None, "fused_backward": False}  # fmt: skip
+             "hoist": None, "fused_backward": None}  # fmt: skip
 
 
 def _rnn_name(cell: Cell, options: dict[str, Any]) -> str:
