@@ -47,8 +47,10 @@ from fundl.embedding import (
     sinusoidal_positions,
     sinusoidal_table,
 )
+from fundl.interop import from_torch, to_torch_state_dict
 from fundl.metrics import accuracy, masked_mean
 from fundl.norm import BatchNormState, batch_norm, group_norm, layer_norm, rms_norm
+from fundl.onnx import to_onnx
 from fundl.plot import plot_history
 from fundl.pooling import avg_pool, global_avg_pool, global_max_pool, max_pool
 from fundl.recurrent import (
@@ -171,6 +173,10 @@ __all__ = [
     "masked_mean",
     "summary",
     "plot_history",
+    # models in and out
+    "to_onnx",
+    "from_torch",
+    "to_torch_state_dict",
     # submodules
     "checkpoint",
     "datasets",

@@ -101,10 +101,13 @@ def _window_max(x, window_dimensions, window_strides, padding, base_dilation, wi
             f"of rank {x.ndim}."
         )
     xp = _pad_with_lowest(x, padding)
-    sizes = [(n - w) // s + 1 for n, w, s in zip(xp.shape, window_dimensions, window_strides)]
+    sizes = [
+        (n - w) // s + 1
+        for n, w, s in zip(xp.shape, window_dimensions, window_strides, strict=True)
+    ]
     out = None
     for start in itertools.product(*(range(w) for w in window_dimensions)):
-        limit = [b + (n - 1) * s + 1 for b, n, s in zip(start, sizes, window_strides)]
+        limit = [b + (n - 1) * s + 1 for b, n, s in zip(start, sizes, window_strides, strict=True)]
         part = lax.slice(xp, start, limit, window_strides)
         out = part if out is None else lax.max(out, part)
     return out
@@ -117,7 +120,9 @@ def _evaluate(jaxpr: Any, consts: Sequence[Any], *args: Any) -> list[Any]:
     def read(v):
         return v.val if isinstance(v, jax.extend.core.Literal) else env[v]
 
-    for v, x in itertools.chain(zip(jaxpr.constvars, consts), zip(jaxpr.invars, args)):
+    for v, x in itertools.chain(
+        zip(jaxpr.constvars, consts, strict=True), zip(jaxpr.invars, args, strict=True)
+    ):
         env[v] = x
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
@@ -131,7 +136,7 @@ def _evaluate(jaxpr: Any, consts: Sequence[Any], *args: Any) -> list[Any]:
             with eqn.ctx.manager:
                 outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
             outs = outs if eqn.primitive.multiple_results else [outs]
-        for v, x in zip(eqn.outvars, outs):
+        for v, x in zip(eqn.outvars, outs, strict=True):
             env[v] = x
     return [read(v) for v in jaxpr.outvars]
 
@@ -264,8 +269,8 @@ def to_onnx(
         ValueError: a layer uses a JAX primitive jax2onnx cannot convert; the message names
             the layer's path in the model and the primitive.
     """
-    jax2onnx, onnx = _converter()
     specs = _specs(example_inputs)
+    jax2onnx, onnx = _converter()
     run = _inference(model, params, state)
     closed = jax.make_jaxpr(run)(*specs)
     registry = _registry(jax2onnx)
