@@ -363,9 +363,9 @@ def _t(x):
     return (np.asarray(x).T,)
 
 
-COPY = Transform("copy", _same, _same)
-TRANSPOSE = Transform("transpose", _t, _t)
-IGNORE = Transform("ignored", lambda x: (), lambda: ())
+_COPY = Transform("copy", _same, _same)
+_TRANSPOSE = Transform("transpose", _t, _t)
+_IGNORE = Transform("ignored", lambda x: (), lambda: ())
 
 
 def _kernel(x):  # (out, in, *window) -> (*window, in, out)
@@ -378,7 +378,7 @@ def _kernel_back(w):  # (*window, in, out) -> (out, in, *window)
     return (np.transpose(w, (w.ndim - 1, w.ndim - 2, *range(w.ndim - 2))),)
 
 
-KERNEL = Transform("OIHW -> HWIO", _kernel, _kernel_back)
+_KERNEL = Transform("OIHW -> HWIO", _kernel, _kernel_back)
 
 
 def _flattened(spatial: tuple[int, ...], channels: int) -> Transform:
@@ -398,17 +398,17 @@ def _flattened(spatial: tuple[int, ...], channels: int) -> Transform:
     )
 
 
-SPLIT3 = Transform(
+_SPLIT3 = Transform(
     "split in 3 (query, key, value), transpose",
     lambda w: tuple(p.T for p in np.split(np.asarray(w), 3)),
     lambda *ws: (np.concatenate([np.asarray(w).T for w in ws]),),
 )
-SPLIT3_BIAS = Transform(
+_SPLIT3_BIAS = Transform(
     "split in 3 (query, key, value)",
     lambda b: tuple(np.split(np.asarray(b), 3)),
     lambda *bs: (np.concatenate([np.asarray(b) for b in bs]),),
 )
-SUM = Transform(
+_SUM = Transform(
     "bias_ih + bias_hh",
     lambda a, b: (np.asarray(a) + np.asarray(b),),
     lambda b: (np.asarray(b), np.zeros_like(np.asarray(b))),
@@ -447,11 +447,13 @@ class _Group(NamedTuple):
 
 
 def _child_keys(segment: str, node: Any) -> tuple[Any, ...]:
-    """The params key a combinator's child segment selects: ``serial[0]`` -> ``(0,)``."""
-    if not segment.endswith("]"):
-        return ()  # residual, rnn, remat: the child's params are the node itself
-    key = segment[segment.rfind("[") + 1 : -1]
-    return (int(key),) if isinstance(node, (tuple, list)) else (key,)
+    """The params key a child's segment selects: ``serial[0]`` -> ``(0,)``, ``serial[head]``
+    -> ``("head",)``, ``bidirectional.forward`` -> ``("forward",)``, ``residual`` -> ``()``
+    (the child's params are the node itself)."""
+    if segment.endswith("]"):
+        key = segment[segment.rfind("[") + 1 : -1]
+        return (int(key),) if isinstance(node, (tuple, list)) else (key,)
+    return (segment.rpartition(".")[2],) if "." in segment else ()
 
 
 def _get(tree: Any, keys: tuple[Any, ...]) -> Any:
@@ -537,37 +539,37 @@ def _rules_for(leaf: _Leaf, names: Mapping[str, str]) -> list[Rule]:
         return [Rule(((*p, target),), (names[short],), transform)] if short in names else []
 
     if leaf.kind in ("dense", "conv"):
-        w_transform = TRANSPOSE if leaf.kind == "dense" else KERNEL
+        w_transform = _TRANSPOSE if leaf.kind == "dense" else _KERNEL
         if leaf.flatten is not None:
             w_transform = _flattened(*leaf.flatten)
-        return one("w", "weight", w_transform) + one("b", "bias", COPY)
+        return one("w", "weight", w_transform) + one("b", "bias", _COPY)
     if leaf.kind in ("layer_norm", "group_norm", "rms_norm", "batch_norm"):
-        rules = one("scale", "weight", COPY) + one("bias", "bias", COPY)
+        rules = one("scale", "weight", _COPY) + one("bias", "bias", _COPY)
         if leaf.kind == "batch_norm":
             s = ("state", *leaf.keys)
             rules += [
-                Rule(((*s, "mean"),), (names["running_mean"],), COPY),
-                Rule(((*s, "var"),), (names["running_var"],), COPY),
+                Rule(((*s, "mean"),), (names["running_mean"],), _COPY),
+                Rule(((*s, "var"),), (names["running_var"],), _COPY),
             ]
             if "num_batches_tracked" in names:
-                rules.append(Rule((), (names["num_batches_tracked"],), IGNORE))
+                rules.append(Rule((), (names["num_batches_tracked"],), _IGNORE))
         return rules
     if leaf.kind == "multi_head_attention":
         qkv = ("query", "key", "value")
-        rules = [Rule(tuple((*p, n, "w") for n in qkv), (names["in_proj_weight"],), SPLIT3)]
+        rules = [Rule(tuple((*p, n, "w") for n in qkv), (names["in_proj_weight"],), _SPLIT3)]
         if "in_proj_bias" in names:
             rules.append(
-                Rule(tuple((*p, n, "b") for n in qkv), (names["in_proj_bias"],), SPLIT3_BIAS)
+                Rule(tuple((*p, n, "b") for n in qkv), (names["in_proj_bias"],), _SPLIT3_BIAS)
             )
-        rules.append(Rule(((*p, "out", "w"),), (names["out_proj.weight"],), TRANSPOSE))
+        rules.append(Rule(((*p, "out", "w"),), (names["out_proj.weight"],), _TRANSPOSE))
         if "out_proj.bias" in names:
-            rules.append(Rule(((*p, "out", "b"),), (names["out_proj.bias"],), COPY))
+            rules.append(Rule(((*p, "out", "b"),), (names["out_proj.bias"],), _COPY))
         return rules
     # recurrent cells: names is one layer and direction's {weight_ih, weight_hh, bias_*}
-    rules = one("wi", "weight_ih", TRANSPOSE) + one("wh", "weight_hh", TRANSPOSE)
+    rules = one("wi", "weight_ih", _TRANSPOSE) + one("wh", "weight_hh", _TRANSPOSE)
     if leaf.kind == "gru_cell":
-        return rules + one("bi", "bias_ih", COPY) + one("bh", "bias_hh", COPY)
-    return [*rules, Rule(((*p, "b"),), (names["bias_ih"], names["bias_hh"]), SUM)]
+        return rules + one("bi", "bias_ih", _COPY) + one("bh", "bias_hh", _COPY)
+    return [*rules, Rule(((*p, "b"),), (names["bias_ih"], names["bias_hh"]), _SUM)]
 
 
 def _modules(shapes: Mapping[str, tuple[int, ...]]) -> list[_Group]:
@@ -661,8 +663,7 @@ def torch_mapping(model: Any, state_dict: Mapping[str, Any], example_inputs: Any
             )
     _raise("torch_mapping", problems)
     dtypes = {
-        k: str(np.asarray(v).dtype) if not hasattr(v, "dtype") else str(v.dtype)
-        for k, v in state_dict.items()
+        k: str(getattr(v, "dtype", None) or np.asarray(v).dtype) for k, v in state_dict.items()
     }
     torch_shapes = {k: (shapes[k], dtypes[k].removeprefix("torch.")) for k in shapes}
     return TorchMapping(tuple(rules), torch_shapes)
@@ -748,10 +749,8 @@ def from_torch(
         if p not in filled and not any(p in r.targets for r in mapping.rules)
     ]
     _raise("from_torch", problems)
-    leaves, treedef = jax.tree_util.tree_flatten((params, state))
-    values = [jax.numpy.asarray(filled[p]) for p in template]
-    del leaves
-    return jax.tree_util.tree_unflatten(treedef, values)
+    treedef = jax.tree_util.tree_structure((params, state))
+    return jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(filled[p]) for p in template])
 
 
 def to_torch_state_dict(params: Any, state: Any, mapping: TorchMapping) -> dict[str, np.ndarray]:

@@ -185,3 +185,23 @@ def test_a_module_left_over_is_reported():
     message = str(info.value)
     assert "[1] (layer_norm()): no PyTorch norm module left" in message
     assert "PyTorch linear module ['2.bias', '2.weight']: no fundl layer left to take it" in message
+
+
+@pytest.mark.slow
+@pytest.mark.numerics
+def test_stacked_bidirectional_lstm():
+    module = _randomized(nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True))
+
+    def both_ways():
+        return fl.bidirectional(fl.rnn(fl.lstm_cell(4)), fl.rnn(fl.lstm_cell(4), reverse=True))
+
+    model = fl.serial(both_ways(), both_ways())
+    x = np.random.default_rng(0).normal(size=(2, 5, 3)).astype(np.float32)
+    sd = _state_dict(module)
+    params, state = fl.from_torch(model, sd, x)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x))[0].numpy()
+    got = np.asarray(model.apply(params, state, jnp.asarray(x))[0])
+    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+    mapping = fl.interop.torch_mapping(model, sd, x)
+    assert "params[1].backward.wi <- weight_ih_l1_reverse  [transpose]" in str(mapping)
