@@ -14,6 +14,9 @@ Two primitives are rewritten on the way, with the same numbers:
   slices of the padded input, an exact rewrite.
 - ``pjit`` (a nested ``jax.jit``) is inlined.
 
+(Only the top level of the program and nested jits are rewritten, not the body of a
+``lax.scan``: a max pooling inside a scanned block is left to jax2onnx as it is.)
+
 A primitive jax2onnx has no converter for raises a ``ValueError`` naming the layer that
 uses it (its path in the model, as fundl's other errors), never a different graph.
 """
@@ -187,7 +190,7 @@ def _locate(run: Callable[..., Any], model: Layer, specs: Sequence[Any], primiti
     finally:
         del primitive.bind
     names = dict(_paths(model))
-    return f"{path} ({layer_name(names[path])})" if path in names else layer_name(model)
+    return f"{path} ({layer_name(names[path])})" if path and path in names else layer_name(model)
 
 
 def _check_supported(run, model: Layer, specs, jaxpr: Any, registry: Any) -> None:
