@@ -700,8 +700,8 @@ def from_torch(
         >>> sd = {"0.weight": np.ones((3, 4)), "0.bias": np.zeros(3),
         ...       "2.weight": np.ones((2, 3)), "2.bias": np.zeros(2)}
         >>> params, state = fl.from_torch(model, sd, jnp.ones((1, 4)))
-        >>> params[0]["w"].shape, params[2]["b"].shape
-        ((4, 3), (2,))
+        >>> jax.tree_util.tree_map(jnp.shape, params)
+        ({'b': (3,), 'w': (4, 3)}, (), {'b': (2,), 'w': (3, 2)})
 
     Args:
         model: the fundl model.

@@ -246,8 +246,9 @@ def to_onnx(
         >>> params, state = model.init(jax.random.key(0), x)
         >>> proto = fl.to_onnx(model, params, state, x)
         >>> session = onnxruntime.InferenceSession(proto.SerializeToString())
-        >>> [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
-        ['batch', 3]
+        >>> dims = proto.graph.input[0].type.tensor_type.shape.dim
+        >>> tuple(d.dim_param or d.dim_value for d in dims)
+        ('batch', 3)
         >>> y = session.run(None, {"in_0": np.ones((5, 3), np.float32)})[0]
         >>> bool(np.allclose(y, model.apply(params, state, jnp.ones((5, 3)))[0], atol=1e-6))
         True
