@@ -24,6 +24,7 @@ uses it (its path in the model, as fundl's other errors), never a different grap
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Iterator, Sequence
 from os import PathLike
 from typing import Any
@@ -209,6 +210,14 @@ def _check_supported(run, model: Layer, specs, jaxpr: Any, registry: Any) -> Non
         )
 
 
+def _blame(run, model: Layer, specs, jaxpr: Any, message: str) -> str:
+    """The layer binding the primitive a converter's error ``message`` names (longest match)."""
+    named = {p.name: p for p in _primitives(jaxpr) if re.search(rf"\b{p.name}\b", message)}
+    if not named:
+        return layer_name(model)
+    return _locate(run, model, specs, named[max(named, key=len)])
+
+
 def _registry(jax2onnx: Any) -> Any:
     """jax2onnx's primitive converters by name (its internal registry; ``None`` if moved)."""
     try:
@@ -284,14 +293,20 @@ def to_onnx(
     def program(*inputs):
         return _evaluate(closed.jaxpr, closed.consts, *inputs)
 
-    proto = jax2onnx.to_onnx(
-        program,
-        list(specs),
-        model_name=layer_name(model).split("(")[0],
-        opset=opset,
-        input_names=input_names,
-        output_names=output_names,
-    )
+    try:
+        proto = jax2onnx.to_onnx(
+            program,
+            list(specs),
+            model_name=layer_name(model).split("(")[0],
+            opset=opset,
+            input_names=input_names,
+            output_names=output_names,
+        )
+    except Exception as err:  # the converter's own refusals, whatever their type
+        where = _blame(run, model, specs, closed.jaxpr, str(err))
+        raise ValueError(
+            f"{WHO}: jax2onnx could not convert the layer at {where}: {type(err).__name__}: {err}"
+        ) from err
     if path is not None:
         onnx.save(proto, str(path))
     return proto

@@ -113,6 +113,26 @@ def test_a_layer_onnx_cannot_express_is_named_by_its_path():
 
 
 @pytest.mark.slow
+def test_a_converter_refusal_is_named_by_its_path():
+    pytest.importorskip("jax2onnx", reason="needs the fundl[onnx] extra")
+
+    def dilated_pool(x):  # jax2onnx's reduce_window_max refuses base_dilation
+        return lax.reduce_window(
+            x, -jnp.inf, lax.max, (1, 2), (1, 1), "VALID", base_dilation=(1, 2)
+        )
+
+    model = fl.serial(fl.dense(4), fl.function(dilated_pool, name="dilated_pool"))
+    x = jnp.ones((2, 3))
+    params, state = model.init(jax.random.key(0), x)
+    with pytest.raises(
+        ValueError,
+        match=r"could not convert the layer at serial\[1\] "
+        r"\(dilated_pool\): NotImplementedError",
+    ):
+        fl.to_onnx(model, params, state, x)
+
+
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_max_pool_rewrite_matches_reduce_window():
     pytest.importorskip("jax2onnx", reason="needs the fundl[onnx] extra")
