@@ -1,5 +1,10 @@
 """Weight converters between PyTorch and fundl (NumPy and JAX; torch is never imported).
 
+Whole models: :func:`torch_mapping` infers a printable :class:`TorchMapping` between a
+fundl model and a PyTorch ``state_dict`` (each fundl path, the PyTorch names it comes from,
+the transform); :func:`fundl.from_torch` applies it and :func:`fundl.to_torch_state_dict`
+inverts it. The converters below do one layer at a time.
+
 Recurrent layers:
 
 PyTorch stores ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` weights gate-major and transposed:
