@@ -561,7 +561,11 @@ def _rules_for(leaf: _Leaf, names: Mapping[str, str]) -> list[Rule]:
         return rules
     if leaf.kind == "multi_head_attention":
         qkv = ("query", "key", "value")
-        rules = [Rule(tuple((*p, n, "w") for n in qkv), (names["in_proj_weight"],), _SPLIT3)]
+        if "in_proj_weight" in names:
+            rules = [Rule(tuple((*p, n, "w") for n in qkv), (names["in_proj_weight"],), _SPLIT3)]
+        else:  # kdim or vdim differ from embed_dim: three separate projections
+            rules = [r for n in qkv for r in one(n, f"{n[0]}_proj_weight", _TRANSPOSE)]
+            rules = [r._replace(targets=((*r.targets[0], "w"),)) for r in rules]
         if "in_proj_bias" in names:
             rules.append(
                 Rule(tuple((*p, n, "b") for n in qkv), (names["in_proj_bias"],), _SPLIT3_BIAS)
@@ -574,6 +578,8 @@ def _rules_for(leaf: _Leaf, names: Mapping[str, str]) -> list[Rule]:
     rules = one("wi", "weight_ih", _TRANSPOSE) + one("wh", "weight_hh", _TRANSPOSE)
     if leaf.kind == "gru_cell":
         return rules + one("bi", "bias_ih", _COPY) + one("bh", "bias_hh", _COPY)
+    if "bias_ih" not in names:  # bias=False: fundl's b stays unfilled and is reported
+        return rules
     return [*rules, Rule(((*p, "b"),), (names["bias_ih"], names["bias_hh"]), _SUM)]
 
 

@@ -205,3 +205,18 @@ def test_stacked_bidirectional_lstm():
     np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
     mapping = fl.interop.torch_mapping(model, sd, x)
     assert "params[1].backward.wi <- weight_ih_l1_reverse  [transpose]" in str(mapping)
+
+
+@pytest.mark.slow
+@pytest.mark.numerics
+def test_cross_attention_with_other_key_width():
+    module = _randomized(nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=True))
+    model = fl.multi_head_attention(2)
+    q = np.random.default_rng(0).normal(size=(2, 4, 8)).astype(np.float32)
+    kv = np.random.default_rng(1).normal(size=(2, 5, 6)).astype(np.float32)
+    params, state = fl.from_torch(model, _state_dict(module), (q, kv))
+    with torch.no_grad():
+        tq, tkv = torch.from_numpy(q), torch.from_numpy(kv)
+        want = module(tq, tkv, tkv, need_weights=False)[0].numpy()
+    got = np.asarray(model.apply(params, state, jnp.asarray(q), jnp.asarray(kv))[0])
+    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
