@@ -40,6 +40,13 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if item.name.startswith("fundl.sharded_checkpoint."):
                 item.add_marker(pytest.mark.skip(reason=reason))
+    onnx = all(importlib.util.find_spec(m) for m in ("jax2onnx", "onnxruntime"))
+    for item in items:  # an optional extra: fundl[onnx]; its doctest imports jax2onnx (15 s)
+        if item.name.startswith("fundl.onnx."):
+            item.add_marker(pytest.mark.slow)
+            if not onnx:
+                reason = 'jax2onnx or onnxruntime is not installed (pip install "fundl[onnx]")'
+                item.add_marker(pytest.mark.skip(reason=reason))
     if os.environ.get("FUNDL_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow: run with FUNDL_SLOW=1")

@@ -48,9 +48,11 @@ from fundl.embedding import (
     sinusoidal_table,
 )
 from fundl.export import export, load_exported
+from fundl.interop import from_torch, to_torch_state_dict
 from fundl.load_report import LoadReport, compare_trees
 from fundl.metrics import accuracy, masked_mean
 from fundl.norm import BatchNormState, batch_norm, group_norm, layer_norm, rms_norm
+from fundl.onnx import to_onnx
 from fundl.plot import plot_history
 from fundl.pooling import avg_pool, global_avg_pool, global_max_pool, max_pool
 from fundl.precision import Policy, param_paths, with_policy
@@ -180,9 +182,12 @@ __all__ = [
     "masked_mean",
     "summary",
     "plot_history",
-    # taking a model out
+    # models in and out
     "export",
     "load_exported",
+    "to_onnx",
+    "from_torch",
+    "to_torch_state_dict",
     # submodules
     "checkpoint",
     "datasets",

@@ -1,4 +1,9 @@
-"""Weight converters between PyTorch and fundl (NumPy only; torch is never imported).
+"""Weight converters between PyTorch and fundl (NumPy and JAX; torch is never imported).
+
+Whole models: :func:`torch_mapping` infers a printable :class:`TorchMapping` between a
+fundl model and a PyTorch ``state_dict`` (each fundl path, the PyTorch names it comes from,
+the transform); :func:`fundl.from_torch` applies it and :func:`fundl.to_torch_state_dict`
+inverts it. The converters below do one layer at a time.
 
 Recurrent layers:
 
@@ -24,12 +29,21 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
+from fundl.core import layer_info, layer_name
+
 __all__ = [
+    "from_torch",
+    "to_torch_state_dict",
+    "torch_mapping",
+    "TorchMapping",
+    "Rule",
+    "Transform",
     "lstm_from_torch",
     "lstm_to_torch",
     "gru_from_torch",
@@ -274,9 +288,516 @@ def mha_to_torch(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     else:
         sd.update(q_proj_weight=ws[0], k_proj_weight=ws[1], v_proj_weight=ws[2])
     if "b" in params["query"]:
-        sd["in_proj_bias"] = np.concatenate([np.asarray(params[n]["b"])
-                                             for n in ("query", "key", "value")])  # fmt: skip
+        sd["in_proj_bias"] = np.concatenate(
+            [np.asarray(params[n]["b"]) for n in ("query", "key", "value")]
+        )
     sd["out_proj.weight"] = np.asarray(params["out"]["w"]).T
     if "b" in params["out"]:
         sd["out_proj.bias"] = np.asarray(params["out"]["b"])
     return sd
+
+
+# --- whole models: a fundl model <-> a PyTorch state_dict -----------------------------------
+
+# A fundl path: ("params" or "state", key, key, ...), e.g. ("params", 0, "w").
+Path = tuple[Any, ...]
+
+
+class Transform(NamedTuple):
+    """How arrays move between PyTorch names and fundl paths, both ways.
+
+    Attributes:
+        name: what it does, shown when a mapping is printed, e.g. ``"transpose"``.
+        forward: PyTorch arrays (one per source name) -> fundl arrays (one per target path).
+        backward: fundl arrays -> PyTorch arrays (for :func:`fundl.to_torch_state_dict`).
+    """
+
+    name: str
+    forward: Callable[..., tuple[np.ndarray, ...]]
+    backward: Callable[..., tuple[np.ndarray, ...]]
+
+
+class Rule(NamedTuple):
+    """One line of a :class:`TorchMapping`: fundl ``targets`` <- PyTorch ``sources``.
+
+    Attributes:
+        targets: fundl paths, ``("params", 0, "w")``; empty for a PyTorch buffer fundl does
+            not use (``num_batches_tracked``), which the export back writes as zeros.
+        sources: PyTorch state-dict names, e.g. ``("0.weight",)``.
+        transform: a :class:`Transform` from the sources' arrays to the targets'.
+    """
+
+    targets: tuple[Path, ...]
+    sources: tuple[str, ...]
+    transform: Transform
+
+
+def _show(path: Path) -> str:
+    tree, *keys = path
+    return tree + "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys)
+
+
+class TorchMapping(NamedTuple):
+    """An explicit, printable map between a fundl model's params/state and a ``state_dict``.
+
+    Built by :func:`torch_mapping`; edit its ``rules`` (a tuple of :class:`Rule`) to
+    override a line, and pass it to :func:`fundl.from_torch` or
+    :func:`fundl.to_torch_state_dict`. ``str(mapping)`` lists one rule per line.
+
+    Attributes:
+        rules: the rules, in the state dict's order.
+        torch_shapes: every PyTorch name's ``(shape, dtype)``, for the export back.
+    """
+
+    rules: tuple[Rule, ...]
+    torch_shapes: Mapping[str, tuple[tuple[int, ...], str]]
+
+    def __str__(self) -> str:
+        lines = []
+        for rule in self.rules:
+            left = ", ".join(_show(t) for t in rule.targets) or "(unused by fundl)"
+            lines.append(f"{left} <- {', '.join(rule.sources)}  [{rule.transform.name}]")
+        return "\n".join(lines)
+
+
+def _same(*xs):
+    return tuple(np.asarray(x) for x in xs)
+
+
+def _t(x):
+    return (np.asarray(x).T,)
+
+
+_COPY = Transform("copy", _same, _same)
+_TRANSPOSE = Transform("transpose", _t, _t)
+_IGNORE = Transform("ignored", lambda x: (), lambda: ())
+
+
+def _kernel(x):  # (out, in, *window) -> (*window, in, out)
+    x = np.asarray(x)
+    return (np.transpose(x, (*range(2, x.ndim), 1, 0)),)
+
+
+def _kernel_back(w):  # (*window, in, out) -> (out, in, *window)
+    w = np.asarray(w)
+    return (np.transpose(w, (w.ndim - 1, w.ndim - 2, *range(w.ndim - 2))),)
+
+
+_KERNEL = Transform("OIHW -> HWIO", _kernel, _kernel_back)
+
+
+def _flattened(spatial: tuple[int, ...], channels: int) -> Transform:
+    """A Linear after a flatten: PyTorch flattens ``(C, *spatial)``, fundl ``(*spatial, C)``."""
+
+    def forward(w):  # (out, C * prod(spatial)) -> (prod(spatial) * C, out)
+        w = np.asarray(w).reshape(-1, channels, *spatial)
+        return (np.moveaxis(w, 1, -1).reshape(w.shape[0], -1).T,)
+
+    def backward(w):
+        w = np.asarray(w).T.reshape(-1, *spatial, channels)
+        return (np.moveaxis(w, -1, 1).reshape(w.shape[0], -1),)
+
+    dims = ", ".join(map(str, spatial))
+    return Transform(
+        f"flatten order (C={channels}, {dims}) -> ({dims}, C), transpose", forward, backward
+    )
+
+
+_SPLIT3 = Transform(
+    "split in 3 (query, key, value), transpose",
+    lambda w: tuple(p.T for p in np.split(np.asarray(w), 3)),
+    lambda *ws: (np.concatenate([np.asarray(w).T for w in ws]),),
+)
+_SPLIT3_BIAS = Transform(
+    "split in 3 (query, key, value)",
+    lambda b: tuple(np.split(np.asarray(b), 3)),
+    lambda *bs: (np.concatenate([np.asarray(b) for b in bs]),),
+)
+_SUM = Transform(
+    "bias_ih + bias_hh",
+    lambda a, b: (np.asarray(a) + np.asarray(b),),
+    lambda b: (np.asarray(b), np.zeros_like(np.asarray(b))),
+)
+
+# fundl layer kind (its name before "(") -> the PyTorch module kind it maps to.
+_KINDS = {
+    "dense": "linear",
+    "conv": "conv",
+    "batch_norm": "batch_norm",
+    "layer_norm": "norm",
+    "group_norm": "norm",
+    "rms_norm": "norm",
+    "multi_head_attention": "attention",
+    "lstm_cell": "lstm",
+    "gru_cell": "gru",
+    "simple_rnn_cell": "rnn",
+}
+
+
+class _Leaf(NamedTuple):
+    """A fundl layer with params: its kind, path into params/state, display path, info."""
+
+    kind: str
+    keys: tuple[Any, ...]
+    where: str
+    name: str
+    flatten: tuple[tuple[int, ...], int] | None  # (spatial, channels) of a preceding flatten
+
+
+class _Group(NamedTuple):
+    """A PyTorch module's entries: its kind and ``{short_name: full_name}``."""
+
+    kind: str
+    names: dict[str, str]
+
+
+def _child_keys(segment: str, node: Any) -> tuple[Any, ...]:
+    """The params key a child's segment selects: ``serial[0]`` -> ``(0,)``, ``serial[head]``
+    -> ``("head",)``, ``bidirectional.forward`` -> ``("forward",)``, ``residual`` -> ``()``
+    (the child's params are the node itself)."""
+    if segment.endswith("]"):
+        key = segment[segment.rfind("[") + 1 : -1]
+        return (int(key),) if isinstance(node, (tuple, list)) else (key,)
+    return (segment.rpartition(".")[2],) if "." in segment else ()
+
+
+def _get(tree: Any, keys: tuple[Any, ...]) -> Any:
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
+def _leaves(layer, params, state, keys=(), where="", spec=None) -> Iterator[_Leaf]:
+    """The layers with params or state under ``layer``, in order, with their paths.
+
+    ``spec`` (the layer's input, a ``ShapeDtypeStruct``) is followed through ``serial``
+    only, to find the shape a ``flatten`` receives: the first dense after it gets it.
+    """
+    info = layer_info(layer)
+    if not info.children:
+        if jax.tree_util.tree_leaves((_get(params, keys), _get(state, keys))):
+            yield _Leaf(info.name.split("(")[0], keys, where or info.name, info.name, None)
+        return
+    flat = None
+    for segment, child in info.children:
+        sub = keys + _child_keys(segment, _get(params, keys))
+        path = segment if not where else where + (segment if segment[0] == "[" else "." + segment)
+        if layer_name(child) == "flatten" and spec is not None and len(spec.shape) > 2:
+            flat = (tuple(spec.shape[1:-1]), spec.shape[-1])
+        for leaf in _leaves(
+            child, params, state, sub, path, spec if info.name == "serial" else None
+        ):
+            if flat is not None and leaf.kind == "dense":
+                leaf, flat = leaf._replace(flatten=flat), None
+            yield leaf
+        if info.name == "serial" and spec is not None:
+            p, st = _get(params, sub), _get(state, sub)
+            spec = jax.eval_shape(lambda p, st, x, c=child: c.apply(p, st, x)[0], p, st, spec)
+
+
+def _groups(shapes: Mapping[str, tuple[int, ...]]) -> list[_Group]:
+    """The state dict's modules in order, each with its kind (``"linear"``, ``"conv"``...)."""
+    by_module: dict[str, dict[str, str]] = {}
+    for name in shapes:
+        module, _, short = name.rpartition(".")
+        if module.endswith("out_proj") and module.rpartition(".")[0] in by_module:
+            owner = module.rpartition(".")[0]  # nn.MultiheadAttention's out_proj
+            if "in_proj_weight" in by_module[owner] or "q_proj_weight" in by_module[owner]:
+                module, short = owner, "out_proj." + short
+        by_module.setdefault(module, {})[short] = name
+    return [_Group(_torch_kind(names, shapes), names) for names in by_module.values()]
+
+
+def _torch_kind(names: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]) -> str:
+    if "in_proj_weight" in names or "q_proj_weight" in names:
+        return "attention"
+    if "weight_ih_l0" in names:
+        gates = shapes[names["weight_ih_l0"]][0] // shapes[names["weight_hh_l0"]][1]
+        return {4: "lstm", 3: "gru", 1: "rnn"}.get(gates, "recurrent")
+    if "running_mean" in names:
+        return "batch_norm"
+    rank = len(shapes[names["weight"]]) if "weight" in names else 0
+    return {1: "norm", 2: "linear"}.get(rank, "conv" if rank > 2 else "unknown")
+
+
+def _recurrent_parts(group: _Group) -> list[dict[str, str]]:
+    """One ``{weight_ih, weight_hh, bias_ih, bias_hh}`` per layer and direction of an RNN."""
+    parts = []
+    for layer in range(len(group.names)):
+        for sfx in (f"_l{layer}", f"_l{layer}_reverse"):
+            if f"weight_ih{sfx}" in group.names:
+                parts.append(
+                    {
+                        w: group.names[f"{w}{sfx}"]
+                        for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+                        if f"{w}{sfx}" in group.names
+                    }
+                )
+    return parts
+
+
+def _rules_for(leaf: _Leaf, names: Mapping[str, str]) -> list[Rule]:
+    """The rules that fill one fundl layer from one PyTorch module's ``names``."""
+    p = ("params", *leaf.keys)
+
+    def one(target, short, transform):
+        return [Rule(((*p, target),), (names[short],), transform)] if short in names else []
+
+    if leaf.kind in ("dense", "conv"):
+        w_transform = _TRANSPOSE if leaf.kind == "dense" else _KERNEL
+        if leaf.flatten is not None:
+            w_transform = _flattened(*leaf.flatten)
+        return one("w", "weight", w_transform) + one("b", "bias", _COPY)
+    if leaf.kind in ("layer_norm", "group_norm", "rms_norm", "batch_norm"):
+        rules = one("scale", "weight", _COPY) + one("bias", "bias", _COPY)
+        if leaf.kind == "batch_norm":
+            s = ("state", *leaf.keys)
+            rules += [
+                Rule(((*s, "mean"),), (names["running_mean"],), _COPY),
+                Rule(((*s, "var"),), (names["running_var"],), _COPY),
+            ]
+            if "num_batches_tracked" in names:
+                rules.append(Rule((), (names["num_batches_tracked"],), _IGNORE))
+        return rules
+    if leaf.kind == "multi_head_attention":
+        qkv = ("query", "key", "value")
+        if "in_proj_weight" in names:
+            rules = [Rule(tuple((*p, n, "w") for n in qkv), (names["in_proj_weight"],), _SPLIT3)]
+        else:  # kdim or vdim differ from embed_dim: three separate projections
+            rules = [r for n in qkv for r in one(n, f"{n[0]}_proj_weight", _TRANSPOSE)]
+            rules = [r._replace(targets=((*r.targets[0], "w"),)) for r in rules]
+        if "in_proj_bias" in names:
+            rules.append(
+                Rule(tuple((*p, n, "b") for n in qkv), (names["in_proj_bias"],), _SPLIT3_BIAS)
+            )
+        rules.append(Rule(((*p, "out", "w"),), (names["out_proj.weight"],), _TRANSPOSE))
+        if "out_proj.bias" in names:
+            rules.append(Rule(((*p, "out", "b"),), (names["out_proj.bias"],), _COPY))
+        return rules
+    # recurrent cells: names is one layer and direction's {weight_ih, weight_hh, bias_*}
+    rules = one("wi", "weight_ih", _TRANSPOSE) + one("wh", "weight_hh", _TRANSPOSE)
+    if leaf.kind == "gru_cell":
+        return rules + one("bi", "bias_ih", _COPY) + one("bh", "bias_hh", _COPY)
+    if "bias_ih" not in names:  # bias=False: fundl's b stays unfilled and is reported
+        return rules
+    return [*rules, Rule(((*p, "b"),), (names["bias_ih"], names["bias_hh"]), _SUM)]
+
+
+def _modules(shapes: Mapping[str, tuple[int, ...]]) -> list[_Group]:
+    """The PyTorch modules, a stacked or bidirectional RNN split into one per direction."""
+    out = []
+    for group in _groups(shapes):
+        if group.kind in ("lstm", "gru", "rnn"):
+            out += [_Group(group.kind, part) for part in _recurrent_parts(group)]
+        else:
+            out.append(group)
+    return out
+
+
+def _template(model: Any, example_inputs: Any) -> tuple[Any, Any, tuple[Any, ...]]:
+    """``(params, state, specs)`` as ``ShapeDtypeStruct`` trees (nothing is allocated)."""
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    specs = tuple(jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in inputs)
+    params, state = jax.eval_shape(model.init, jax.random.key(0), *specs)
+    return params, state, specs
+
+
+def _raise(who: str, problems: list[str]) -> None:
+    if problems:
+        lines = "\n  ".join(problems)
+        raise ValueError(
+            f"{who}: the PyTorch state dict does not fit the fundl model ({len(problems)} "
+            f"problems):\n  {lines}\nFix the PyTorch model, or edit the mapping "
+            f"(fl.interop.torch_mapping) and pass it as mapping=."
+        )
+
+
+def torch_mapping(model: Any, state_dict: Mapping[str, Any], example_inputs: Any) -> TorchMapping:
+    """Infers the :class:`TorchMapping` between ``model`` and a PyTorch ``state_dict``.
+
+    fundl's layers with params are listed in order by walking the model's layer tree; the
+    state dict's entries are grouped by module, in order. The k-th fundl layer of a kind
+    takes the k-th PyTorch module of the matching kind: ``dense`` - ``nn.Linear``, ``conv``
+    - ``nn.Conv1d/2d/3d``, ``batch_norm`` - ``nn.BatchNorm*``, ``layer_norm`` (and
+    ``group_norm``, ``rms_norm``) - ``nn.LayerNorm`` (``GroupNorm``, ``RMSNorm``),
+    ``multi_head_attention`` - ``nn.MultiheadAttention``, ``lstm_cell``/``gru_cell``/
+    ``simple_rnn_cell`` - one layer and direction of ``nn.LSTM``/``nn.GRU``/``nn.RNN``.
+    Matching by kind, not by position, lets modules register in another order than they
+    run (``nn.TransformerEncoderLayer`` lists its norms last). The first ``dense`` after a
+    ``flatten`` of a ``(batch, *spatial, channels)`` input reorders its weight's columns:
+    PyTorch flattens ``(channels, *spatial)``.
+
+    Example:
+        >>> import jax, numpy as np, fundl as fl
+        >>> model = fl.serial(fl.dense(3), jax.nn.relu, fl.dense(2))
+        >>> sd = {"0.weight": np.zeros((3, 4)), "0.bias": np.zeros(3),
+        ...       "2.weight": np.zeros((2, 3)), "2.bias": np.zeros(2)}
+        >>> print(fl.interop.torch_mapping(model, sd, np.zeros((1, 4), np.float32)))
+        params[0].w <- 0.weight  [transpose]
+        params[0].b <- 0.bias  [copy]
+        params[2].w <- 2.weight  [transpose]
+        params[2].b <- 2.bias  [copy]
+
+    Args:
+        model: the fundl model.
+        state_dict: ``module.state_dict()`` (tensors or arrays), or just its names and
+            arrays of the right shapes.
+        example_inputs: an input (or tuple of inputs) of the model, ``(batch, ...)``; only
+            shapes and dtypes are read.
+
+    Returns:
+        The :class:`TorchMapping`.
+
+    Raises:
+        ValueError: listing every fundl layer without a PyTorch module to match, every
+            PyTorch module left over, and every layer kind with no known counterpart.
+    """
+    shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
+    params, state, specs = _template(model, example_inputs)
+    queues: dict[str, list[_Group]] = {}
+    for group in _modules(shapes):
+        queues.setdefault(group.kind, []).append(group)
+    rules, problems = [], []
+    for leaf in _leaves(model, params, state, spec=specs[0]):
+        kind = _KINDS.get(leaf.kind)
+        if kind is None:
+            problems.append(f"{leaf.where} ({leaf.name}): no known PyTorch counterpart")
+        elif not queues.get(kind):
+            problems.append(f"{leaf.where} ({leaf.name}): no PyTorch {kind} module left")
+        else:
+            rules += _rules_for(leaf, queues[kind].pop(0).names)
+    for kind, groups in queues.items():
+        for group in groups:
+            problems.append(
+                f"PyTorch {kind} module {sorted(group.names.values())}: no fundl "
+                f"layer left to take it"
+            )
+    _raise("torch_mapping", problems)
+    dtypes = {
+        k: str(getattr(v, "dtype", None) or np.asarray(v).dtype) for k, v in state_dict.items()
+    }
+    torch_shapes = {k: (shapes[k], dtypes[k].removeprefix("torch.")) for k in shapes}
+    return TorchMapping(tuple(rules), torch_shapes)
+
+
+def _keyed(tree: Any) -> dict[Path, Any]:
+    """``{path: leaf}`` with paths as :class:`Rule` writes them."""
+    out = {}
+    for tree_name, sub in (("params", tree[0]), ("state", tree[1])):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(sub)[0]:
+            keys = tuple(getattr(k, "idx", getattr(k, "key", getattr(k, "name", k))) for k in path)
+            out[(tree_name, *keys)] = leaf
+    return out
+
+
+def from_torch(
+    model: Any,
+    state_dict: Mapping[str, Any],
+    example_inputs: Any,
+    mapping: TorchMapping | None = None,
+) -> tuple[Any, Any]:
+    """A fundl model's ``(params, state)`` from a whole PyTorch ``state_dict``, in one call.
+
+    The map is ``mapping``, or the one :func:`fundl.interop.torch_mapping` infers (print it
+    to see every fundl path, the PyTorch names it comes from, and the transform: transpose,
+    ``OIHW -> HWIO`` kernels, ``in_proj_weight`` split into query, key and value, LSTM
+    biases summed, a Linear's columns reordered after a flatten). Put the PyTorch module in
+    ``eval()`` mode's sense: fundl applies batch norm's running statistics with
+    ``train=False``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, fundl as fl
+        >>> model = fl.serial(fl.dense(3), jax.nn.relu, fl.dense(2))
+        >>> sd = {"0.weight": np.ones((3, 4)), "0.bias": np.zeros(3),
+        ...       "2.weight": np.ones((2, 3)), "2.bias": np.zeros(2)}
+        >>> params, state = fl.from_torch(model, sd, jnp.ones((1, 4)))
+        >>> jax.tree_util.tree_map(jnp.shape, params)
+        ({'b': (3,), 'w': (4, 3)}, (), {'b': (2,), 'w': (3, 2)})
+
+    Args:
+        model: the fundl model.
+        state_dict: ``module.state_dict()``: PyTorch tensors or NumPy arrays by name.
+        example_inputs: an input (or tuple of inputs) of the model; only shapes and dtypes
+            are read.
+        mapping: a :class:`TorchMapping` to use instead of the inferred one.
+
+    Returns:
+        ``(params, state)`` shaped like ``model.init``'s, with its dtypes.
+
+    Raises:
+        ValueError: listing, all at once, every PyTorch name the mapping needs and the state
+            dict lacks, every name it has and no rule reads, every fundl path no rule fills,
+            and every shape mismatch (the fundl path, its shape, the PyTorch name, its shape).
+    """
+    sd = {k: _np(v) for k, v in state_dict.items()}
+    mapping = mapping if mapping is not None else torch_mapping(model, sd, example_inputs)
+    params, state, _ = _template(model, example_inputs)
+    template = _keyed((params, state))
+    filled, problems = {}, []
+    for rule in mapping.rules:
+        lacking = [n for n in rule.sources if n not in sd]
+        if lacking:
+            problems.append(f"missing in the state dict: {', '.join(lacking)}")
+            continue
+        values = rule.transform.forward(*(sd[n] for n in rule.sources))
+        for target, value in zip(rule.targets, values, strict=True):
+            want = template.get(target)
+            if want is None:
+                problems.append(f"{_show(target)}: no such path in the fundl model")
+            elif tuple(want.shape) != np.shape(value):
+                given = ", ".join(f"{n} {sd[n].shape}" for n in rule.sources)
+                problems.append(
+                    f"shape mismatch: {_show(target)} is {tuple(want.shape)}, "
+                    f"{given} gives {np.shape(value)} [{rule.transform.name}]"
+                )
+            else:
+                filled[target] = np.asarray(value, want.dtype)
+    read = {n for rule in mapping.rules for n in rule.sources}
+    problems += [f"unexpected in the state dict: {n} {sd[n].shape}" for n in sd if n not in read]
+    problems += [
+        f"not filled: {_show(p)} {tuple(t.shape)}"
+        for p, t in template.items()
+        if p not in filled and not any(p in r.targets for r in mapping.rules)
+    ]
+    _raise("from_torch", problems)
+    treedef = jax.tree_util.tree_structure((params, state))
+    return jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(filled[p]) for p in template])
+
+
+def to_torch_state_dict(params: Any, state: Any, mapping: TorchMapping) -> dict[str, np.ndarray]:
+    """The inverse of :func:`fundl.from_torch`: a PyTorch ``state_dict`` from fundl params.
+
+    Load it with ``module.load_state_dict({k: torch.from_numpy(v) for k, v in
+    sd.items()}, strict=True)``. Names fundl does not use (``num_batches_tracked``) are
+    written as zeros; a summed LSTM bias goes to ``bias_ih`` with ``bias_hh`` zero.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, fundl as fl
+        >>> model = fl.serial(fl.dense(3), jax.nn.relu, fl.dense(2))
+        >>> sd = {"0.weight": np.ones((3, 4)), "0.bias": np.zeros(3),
+        ...       "2.weight": np.ones((2, 3)), "2.bias": np.zeros(2)}
+        >>> mapping = fl.interop.torch_mapping(model, sd, jnp.ones((1, 4)))
+        >>> params, state = fl.from_torch(model, sd, jnp.ones((1, 4)), mapping)
+        >>> {k: v.shape for k, v in fl.to_torch_state_dict(params, state, mapping).items()}
+        {'0.weight': (3, 4), '0.bias': (3,), '2.weight': (2, 3), '2.bias': (2,)}
+
+    Args:
+        params: the model's params.
+        state: the model's state.
+        mapping: the :class:`TorchMapping` (from :func:`fundl.interop.torch_mapping`).
+
+    Returns:
+        ``{name: array}`` in the PyTorch module's order, with its shapes and dtypes.
+    """
+    values = _keyed((params, state))
+    out: dict[str, np.ndarray] = {}
+    for rule in mapping.rules:
+        if not rule.targets:
+            shape, dtype = mapping.torch_shapes[rule.sources[0]]
+            arrays = tuple(np.zeros(shape, dtype) for _ in rule.sources)
+        else:
+            arrays = rule.transform.backward(*(np.asarray(values[t]) for t in rule.targets))
+        for name, array in zip(rule.sources, arrays, strict=True):
+            dtype = mapping.torch_shapes[name][1]
+            out[name] = np.array(array, dtype)  # a writable copy (torch.from_numpy wants one)
+    return {k: out[k] for k in mapping.torch_shapes if k in out}

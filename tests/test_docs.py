@@ -16,7 +16,10 @@ DOCS = ROOT / "docs"
 TUTORIALS = sorted((DOCS / "tutorials").glob("*.md"))
 PAGES_WITH_CODE = [ROOT / "README.md", DOCS / "index.md", *TUTORIALS]
 # Tutorials that train a model for 5-20 s: FUNDL_SLOW=1 runs them (CI does).
-SLOW_PAGES = {"attention", "cnn", "going_fast", "overfitting", "rnn", "transfer_learning"}
+SLOW_PAGES = {"attention", "cnn", "going_fast", "overfitting", "rnn", "transfer_learning",
+              "taking_out"}  # fmt: skip
+# Pages that need optional extras (fundl[onnx], fundl[torch]): skipped with a note without them.
+NEEDS = {"taking_out": ("jax2onnx", "onnxruntime", "torch")}
 
 
 def python_blocks(page: Path) -> list[str]:
@@ -32,6 +35,8 @@ def python_blocks(page: Path) -> list[str]:
     ids=lambda p: p.stem,
 )
 def test_page_code_runs(page):
+    for module in NEEDS.get(page.stem, ()):
+        pytest.importorskip(module, reason=f"{page.name} needs {module} (the onnx/torch extras)")
     blocks = python_blocks(page)
     assert blocks, f"{page.name} has no python code blocks"
     namespace = {"__name__": f"tutorial_{page.stem}"}

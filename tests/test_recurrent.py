@@ -394,6 +394,7 @@ def test_fused_backward_by_default_unless_forward_mode():
     # reverse mode, also under vmap, fuses; forward mode (jvp, jacfwd) runs the plain scan
     assert same_program(jax.grad(loss(layer)), jax.grad(loss(fused)))
     assert not same_program(jax.grad(loss(layer)), jax.grad(loss(plain)))
+
     def per_example(layer):  # the params' gradient of each sequence, under vmap
         one = lambda p, seq: jnp.sum(layer.apply(p, state, seq[None])[0] ** 2)  # noqa: E731
         return lambda p: jax.vmap(jax.grad(one), (None, 0))(p, x)
