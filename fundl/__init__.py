@@ -5,7 +5,7 @@ state)`` and ``apply(params, state, *inputs, key=None, train=False) -> (outputs,
 combinators compose them, XLA compiles them, optax trains them.
 """
 
-from fundl import checkpoint, datasets, interop, metrics, testing
+from fundl import bench, checkpoint, datasets, interop, metrics, testing
 from fundl.activations import (
     elu,
     gelu,
@@ -172,6 +172,7 @@ __all__ = [
     "summary",
     "plot_history",
     # submodules
+    "bench",
     "checkpoint",
     "datasets",
     "interop",
