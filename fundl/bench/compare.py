@@ -176,11 +176,10 @@ def compare_calls(
         stages[name] = _stages(fn, args)  # before the first call: JAX's caches are cold
         first[name] = signature(fn, args)
         runners[name] = _Runner(fn, args, next_args)
-    changed: dict[str, dict[str, None]] = {name: {} for name in calls}
+    later: dict[str, list[dict[str, str]]] = {name: [] for name in calls}
 
-    def on_compile(name: str) -> None:
-        now = signature(runners[name].fn, runners[name].last_args)
-        changed[name] |= dict.fromkeys(changes(first[name], now))
+    def on_compile(name: str) -> None:  # the signature of the call that compiled
+        later[name].append(signature(runners[name].fn, runners[name].last_args))
 
     r = run_rounds(runners, rounds, warmup, on_compile)
     timings, notes = [], []
@@ -194,7 +193,7 @@ def compare_calls(
             items_per_s=items / t.median_s if items else None, mfu=mfu(flops, t.median_s, peak),
         ))  # fmt: skip
         if t.recompiles:
-            why = "; ".join(changed[name]) or (
+            why = "; ".join(changes(first[name], later[name])) or (
                 "no argument's shape, dtype or Python value changed (a new jax.jit per "
                 "call, or a jitted function closed over a changing Python value?)"
             )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -102,17 +102,27 @@ def signature(fn: Callable, args: tuple, kwargs: dict | None = None) -> dict[str
     return out
 
 
-def changes(first: dict[str, str], now: dict[str, str]) -> list[str]:
-    """The arguments of two :func:`signature` s that differ, as ``"x: float32[4] -> float32[5]"``.
+def _few(values: list[str]) -> str:
+    return (
+        ", ".join(values)
+        if len(values) <= 3
+        else f"{', '.join(values[:3])}, ... ({len(values)} in all)"
+    )
 
-    An argument (or a leaf of one) present in one call only reads ``absent``.
+
+def changes(first: dict[str, str], later: Sequence[dict[str, str]]) -> list[str]:
+    """The arguments whose :func:`signature` s in ``later`` differ from ``first``.
+
+    One line per argument, its first description then the different ones seen later, e.g.
+    ``"x: float32[4] -> float32[5], float32[6]"``; an argument (or a leaf of one) present
+    in one call only reads ``absent``.
     """
-    names = list(first) + [n for n in now if n not in first]
-    return [
-        f"{n}: {first.get(n, 'absent')} -> {now.get(n, 'absent')}"
-        for n in names
-        if first.get(n) != now.get(n)
-    ]
+    seen: dict[str, dict[str, None]] = {}
+    for now in later:
+        for n in [*first, *(k for k in now if k not in first)]:
+            if first.get(n) != now.get(n):
+                seen.setdefault(n, {})[now.get(n, "absent")] = None
+    return [f"{n}: {first.get(n, 'absent')} -> {_few(list(new))}" for n, new in seen.items()]
 
 
 class Call(NamedTuple):
@@ -142,9 +152,7 @@ def recompile_message(name: str, calls: list[Call]) -> str | None:
     again = [i for i, call in enumerate(calls) if i > 0 and call.compiles]
     if not again:
         return None
-    changed = dict.fromkeys(
-        c for i in again for c in changes(calls[0].signature, calls[i].signature)
-    )
+    changed = changes(calls[0].signature, [calls[i].signature for i in again])
     why = (
         "the arguments that changed since the first call: " + "; ".join(changed)
         if changed
