@@ -29,15 +29,19 @@ def test_a_recompiling_step_is_reported_with_the_changing_argument():
     assert t.recompiles == 1 + 3  # the warm-up call and every round
     (message,) = [str(w.message) for w in record]
     # scale is not named: its shape and dtype stay
-    assert message == ("grow compiled 4 time(s) after its first call, so its times include "
-                       "compiling: x: float32[4] -> float32[5], float32[6], float32[7], ... "
-                       "(4 in all)")  # fmt: skip
+    assert message == (
+        "grow compiled 4 time(s) after its first call, so its times include compiling: the "
+        "arguments that changed since the first call: x: float32[4] -> float32[5], "
+        "float32[6], float32[7], ... (4 in all)"
+    )
     assert res.notes == (message,)
 
 
 def test_a_changing_static_argument_is_named_with_its_values():
     step = jax.jit(lambda x, n: x * n, static_argnames="n")
-    with pytest.warns(bench.RecompileWarning, match=r"compiling: n: int 1 -> int 2, int 3$"):
+    with pytest.warns(
+        bench.RecompileWarning, match=r"since the first call: n: int 1 -> int 2, int 3$"
+    ):
         bench.compare({"scale": step}, jnp.ones(3), 1, rounds=1,
                       next_args=lambda args, out: (args[0], args[1] + 1))  # fmt: skip
 

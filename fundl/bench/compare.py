@@ -22,7 +22,7 @@ from fundl.bench.compile import CompileCost, RecompileWarning, compile_cost
 from fundl.bench.costs import XlaCosts, memory_high_water, mfu, peak_tflops, xla_costs
 from fundl.bench.results import Comparison, Timing, environment, summarize, with_ratios
 from fundl.bench.timing import Rounds, run_rounds
-from fundl.testing._compiles import changes, signature
+from fundl.testing._compiles import signature, why_recompiled
 
 NextArgs = Callable[[tuple, Any], tuple]
 
@@ -182,24 +182,31 @@ def compare_calls(
         later[name].append(signature(runners[name].fn, runners[name].last_args))
 
     r = run_rounds(runners, rounds, warmup, on_compile)
-    timings, notes = [], []
-    for name in calls:
-        cost, costs = stages[name]
-        t = _timing(r, name)
-        flops = costs.flops if costs is not None else None
-        timings.append(dataclasses.replace(
-            t, compile_s=t.compile_s + (cost.total_s if cost else 0.0), compile=cost,
-            costs=costs, memory_bytes=costs.memory_bytes if costs is not None else None,
-            items_per_s=items / t.median_s if items else None, mfu=mfu(flops, t.median_s, peak),
-        ))  # fmt: skip
-        if t.recompiles:
-            why = "; ".join(changes(first[name], later[name])) or (
-                "no argument's shape, dtype or Python value changed (a new jax.jit per "
-                "call, or a jitted function closed over a changing Python value?)"
-            )
-            notes.append(f"{name} compiled {t.recompiles} time(s) after its first call, "
-                         f"so its times include compiling: {why}")  # fmt: skip
+    timings = [_with_costs(_timing(r, name), *stages[name], items, peak) for name in calls]
+    notes = [
+        f"{t.name} compiled {t.recompiles} time(s) after its first call, so its times include "
+        f"compiling: {why_recompiled(first[t.name], later[t.name])}"
+        for t in timings
+        if t.recompiles
+    ]
     return _finish(timings, base, case or ", ".join(calls), unit, notes, before)
+
+
+def _with_costs(
+    t: Timing,
+    cost: CompileCost | None,
+    costs: XlaCosts | None,
+    items: int | None,
+    peak: float | None,
+) -> Timing:
+    """``t`` with its compile stages (added to its compile time), XLA's accounts, throughput
+    and MFU."""
+    flops = costs.flops if costs is not None else None
+    return dataclasses.replace(
+        t, compile_s=t.compile_s + (cost.total_s if cost else 0.0), compile=cost, costs=costs,
+        memory_bytes=costs.memory_bytes if costs is not None else None,
+        items_per_s=items / t.median_s if items else None, mfu=mfu(flops, t.median_s, peak),
+    )  # fmt: skip
 
 
 def compare(

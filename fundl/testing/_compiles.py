@@ -125,6 +125,17 @@ def changes(first: dict[str, str], later: Sequence[dict[str, str]]) -> list[str]
     return [f"{n}: {first.get(n, 'absent')} -> {_few(list(new))}" for n, new in seen.items()]
 
 
+def why_recompiled(first: dict[str, str], later: Sequence[dict[str, str]]) -> str:
+    """The :func:`changes` of the calls that compiled again, or that no argument changed."""
+    changed = changes(first, later)
+    if changed:
+        return "the arguments that changed since the first call: " + "; ".join(changed)
+    return (
+        "no argument's shape, dtype or Python value changed (a new jax.jit per call, or a "
+        "jitted function closed over a changing Python value?)"
+    )
+
+
 class Call(NamedTuple):
     """One call seen by :func:`assert_compiles_once`: its :func:`signature` and compilations."""
 
@@ -152,13 +163,7 @@ def recompile_message(name: str, calls: list[Call]) -> str | None:
     again = [i for i, call in enumerate(calls) if i > 0 and call.compiles]
     if not again:
         return None
-    changed = changes(calls[0].signature, [calls[i].signature for i in again])
-    why = (
-        "the arguments that changed since the first call: " + "; ".join(changed)
-        if changed
-        else "no argument's shape, dtype or Python value changed (a new jax.jit per call, "
-        "or a jitted function closed over a changing Python value?)"
-    )
+    why = why_recompiled(calls[0].signature, [calls[i].signature for i in again])
     calls_s = ", ".join(str(i + 1) for i in again)
     return (
         f"{name} compiled again after its first call (on call(s) {calls_s} of {len(calls)}): "
