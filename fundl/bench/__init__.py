@@ -21,10 +21,10 @@ Example:
     4.0
 """
 
-from fundl.bench.compare import carry_first, compare, time_runs
 from fundl.bench.compile import CompileCost, RecompileWarning, compile_cost
 from fundl.bench.costs import PEAK_TFLOPS, XlaCosts, memory_high_water, mfu, peak_tflops, xla_costs
-from fundl.bench.plot import plot
+from fundl.bench.figure import plot
+from fundl.bench.measure import carry_first, compare, time_runs
 from fundl.bench.results import Comparison, Timing, environment, from_json, table
 from fundl.bench.step import inference_cost, train_step_cost
 from fundl.bench.timing import iqr, rotations

@@ -153,7 +153,7 @@ class Comparison:
 
     def plot(self, path: str | None = None) -> Any:
         """A bar chart of the ratios (:func:`fundl.bench.plot`; needs matplotlib)."""
-        from fundl.bench.plot import plot
+        from fundl.bench.figure import plot
 
         return plot([self], path)
 

@@ -13,8 +13,8 @@ from typing import Any
 import jax
 import optax
 
-from fundl.bench.compare import carry_first, compare_calls
 from fundl.bench.costs import peak_tflops as device_peak
+from fundl.bench.measure import carry_first, compare_calls
 from fundl.bench.results import Comparison
 from fundl.core import Layer
 from fundl.train import init_train_state, make_train_step
