@@ -80,6 +80,10 @@ def test_the_ratios_divide_by_the_chosen_baseline():
     assert "ratio = median / b)" in res.table()
     with pytest.raises(ValueError, match=r"baseline 'c' is not one of the names \['a', 'b'\]"):
         bench.time_runs({"a": lambda: None, "b": lambda: None}, baseline="c")
+    with pytest.raises(ValueError, match="time_runs: rounds must be at least 1, got 0"):
+        bench.time_runs({"a": lambda: None}, rounds=0)
+    with pytest.raises(ValueError, match=r"compare: nothing to time; pass a dict \{name: "):
+        bench.compare({}, jnp.ones(3))
 
 
 def test_timings_leave_compilation_out():
