@@ -32,7 +32,7 @@ def test_a_recompiling_step_is_reported_with_the_changing_argument():
     assert message == (
         "grow compiled 4 time(s) after its first call, so its times include compiling: the "
         "arguments that changed since the first call: x: float32[4] -> float32[5], "
-        "float32[6], float32[7], ... (4 in all)"
+        "float32[6], float32[7], ... (4 in all) (its jit cache holds 5 programs)"
     )
     assert res.notes == (message,)
 
@@ -40,7 +40,8 @@ def test_a_recompiling_step_is_reported_with_the_changing_argument():
 def test_a_changing_static_argument_is_named_with_its_values():
     step = jax.jit(lambda x, n: x * n, static_argnames="n")
     with pytest.warns(
-        bench.RecompileWarning, match=r"since the first call: n: int 1 -> int 2, int 3$"
+        bench.RecompileWarning,
+        match=r"first call: n: int 1 -> int 2, int 3 \(its jit cache holds 3 programs\)$",
     ):
         bench.compare({"scale": step}, jnp.ones(3), 1, rounds=1,
                       next_args=lambda args, out: (args[0], args[1] + 1))  # fmt: skip

@@ -185,11 +185,19 @@ def compare_calls(
     timings = [_with_costs(_timing(r, name), *stages[name], items, peak) for name in calls]
     notes = [
         f"{t.name} compiled {t.recompiles} time(s) after its first call, so its times include "
-        f"compiling: {why_recompiled(first[t.name], later[t.name])}"
+        f"compiling: {why_recompiled(first[t.name], later[t.name])}" + _programs(calls[t.name][0])
         for t in timings
         if t.recompiles
     ]
     return _finish(timings, base, case or ", ".join(calls), unit, notes, before)
+
+
+def _programs(fn: Callable) -> str:
+    """How many programs a ``jax.jit`` function's cache holds (JAX's own count), if known."""
+    try:
+        return f" (its jit cache holds {fn._cache_size()} programs)"
+    except Exception:  # not a jax.jit function, or a JAX without the private count
+        return ""
 
 
 def _with_costs(
@@ -223,8 +231,9 @@ def compare(
 ) -> Comparison:
     r"""Times jitted functions side by side on the same arguments, with their costs.
 
-    Per function, before its first call: its compile cost in stages (``fn.trace(*args)``,
-    ``.lower()``, ``.compile()``) and XLA's cost and memory analysis of the compiled call.
+    Per ``jax.jit`` function, before its first call: its compile cost in stages
+    (``fn.trace(*args)``, ``.lower()``, ``.compile()``) and XLA's cost and memory analysis
+    of the compiled call (``None`` for other callables, which are timed as they are).
     Then its first call is timed apart, ``warmup`` calls are untimed, and ``rounds`` rounds
     run every function once each, in an order rotated one further each round, every output
     passed to ``jax.block_until_ready``. A function that compiles again after its first call
