@@ -1,71 +1,41 @@
-"""Costs: memory, FLOPs and model FLOPs utilisation (MFU), from XLA and the process.
+"""Costs: the harness's throughput and MFU notes over :mod:`fundl.bench`'s XLA accounts.
 
-Memory two ways. Per compiled function: XLA's own account (arguments + outputs +
-temporaries - donated buffers, :func:`compiled_memory_bytes`), the same on every backend and
-free of noise. Per process: its high-water mark (:func:`memory_high_water`), the device's
-``peak_bytes_in_use`` where the backend keeps memory statistics (GPU, TPU) and else the
-process's peak resident set size.
-
-FLOPs by XLA's cost analysis (:func:`compiled_flops`), and throughput and MFU from them
-(:func:`speeds`), against the chip's peak (:func:`peak_tflops`).
+XLA's memory and FLOP accounts of a compiled step (:func:`compiled_memory_bytes`,
+:func:`compiled_flops`, from :func:`fundl.bench.xla_costs`), the process's high-water mark
+(:func:`fundl.bench.memory_high_water`) and the chips' peaks (:func:`fundl.bench.peak_tflops`)
+are fundl.bench's; here are the harness's per-case throughput and MFU (:func:`speeds`), which
+count every implementation's work by the baseline's FLOPs.
 
 This module imports no benchmark.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import jax
+from fundl import bench
+from fundl.bench import memory_high_water, peak_tflops
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-"""Dense bf16 peak TFLOP/s per device-kind substring (NVIDIA datasheets, SXM parts)."""
+__all__ = ["PEAK_BF16_TFLOPS", "Speed", "compiled_flops", "compiled_memory_bytes",
+           "default_peak_tflops", "memory_high_water", "peak_tflops", "speed_note", "speeds",
+           "xla_memory_bytes"]  # fmt: skip
 
-
-def peak_tflops(device_kind: str) -> float | None:
-    """The dense bf16 peak TFLOP/s of a device kind (:data:`PEAK_BF16_TFLOPS`; else ``None``)."""
-    for name, peak in PEAK_BF16_TFLOPS.items():
-        if name in device_kind:
-            return peak
-    return None
+PEAK_BF16_TFLOPS = bench.PEAK_TFLOPS
+"""Dense bf16 peak TFLOP/s per device-kind substring (:data:`fundl.bench.PEAK_TFLOPS`)."""
 
 
 def default_peak_tflops() -> float | None:
-    """:func:`peak_tflops` of the first device."""
-    return peak_tflops(jax.devices()[0].device_kind)
-
-
-def memory_high_water() -> tuple[int | None, str]:
-    """The process's peak memory so far, in bytes, and what measured it.
-
-    The first device's ``peak_bytes_in_use`` where the backend keeps memory statistics (GPU,
-    TPU); else the process's peak resident set size (``getrusage``), which on the CPU backend
-    includes the arrays; ``(None, "unavailable")`` where neither exists (Windows).
-    """
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
-    try:
-        import resource
-    except ImportError:
-        return None, "unavailable"
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024), "process peak RSS"
+    """:func:`fundl.bench.peak_tflops` of the first device."""
+    return peak_tflops()
 
 
 def compiled_memory_bytes(compiled) -> int | None:
     """XLA's memory account of a ``jax.stages.Compiled``, in bytes (``None``: no analysis).
 
-    Arguments + outputs + temporaries - the donated (aliased) buffers, from
-    ``compiled.memory_analysis()``: what one call needs at its peak, by the compiler's plan.
+    Arguments + outputs + temporaries - the donated (aliased) buffers.
     """
-    m = compiled.memory_analysis()
-    if m is None:
-        return None
-    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-    return int(total - m.alias_size_in_bytes)
+    return bench.xla_costs(compiled).memory_bytes
 
 
 def xla_memory_bytes(jitted: Callable, *args) -> int | None:
@@ -86,14 +56,7 @@ def compiled_flops(compiled) -> float | None:
     Custom calls (cuDNN's fused attention, for one) count as zero: compare a case's
     implementations with one count, the baseline's (see :func:`speeds`).
     """
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # a backend without cost analysis
-        return None
-    if isinstance(cost, list | tuple):  # older JAX: one dict per computation
-        cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops is not None and flops > 0 else None
+    return bench.xla_costs(compiled).flops
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ state)`` and ``apply(params, state, *inputs, key=None, train=False) -> (outputs,
 combinators compose them, XLA compiles them, optax trains them.
 """
 
-from fundl import checkpoint, datasets, interop, metrics, sharded_checkpoint, testing
+from fundl import bench, checkpoint, datasets, interop, metrics, sharded_checkpoint, testing
 from fundl.activations import (
     elu,
     gelu,
@@ -189,6 +189,7 @@ __all__ = [
     "from_torch",
     "to_torch_state_dict",
     # submodules
+    "bench",
     "checkpoint",
     "datasets",
     "interop",

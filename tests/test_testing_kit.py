@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 import fundl as fl
 from fundl.core import Layer
-from fundl.testing import LayerCase, check_case, check_layer, count_compiles
+from fundl.testing import (
+    LayerCase,
+    assert_compiles_once,
+    check_case,
+    check_layer,
+    count_compiles,
+)
 from fundl.testing import strategies as fst
 from tests import cases
 
@@ -96,6 +102,46 @@ def test_count_compiles_sees_a_recompile():
         f(a)
         f(b)  # new shape: one compilation
     assert len(compiles) == 1
+
+
+def _two_batches(step):
+    """Two calls of ``step`` through :func:`assert_compiles_once`, the second a ragged batch."""
+    with assert_compiles_once(step) as watched:
+        params, _ = watched(jnp.ones(3), jnp.ones((2, 4)))
+        watched(params, jnp.ones((1, 4)))
+
+
+def test_assert_compiles_once_names_the_argument_that_changed():
+    step = jax.jit(lambda params, x: (params * 2, x))
+    with pytest.raises(AssertionError) as info:
+        _two_batches(step)
+    assert str(info.value) == (
+        "<lambda> compiled again after its first call (on call(s) 2 of 2): the arguments "
+        "that changed since the first call: x: float32[2,4] -> float32[1,4]. Keep every "
+        "argument's shape and dtype fixed (pad the last batch), and mark Python values that "
+        "change as traced arrays, not static arguments."
+    )
+
+
+def test_assert_compiles_once_passes_a_stable_donating_step():
+    step = jax.jit(lambda state, x: (state + x, jnp.sum(state)), donate_argnums=0)
+    with assert_compiles_once(step) as watched:
+        state = jnp.zeros(3)
+        for _ in range(3):
+            state, _ = watched(state, jnp.ones(3))  # the donated state fed forward
+    np.testing.assert_array_equal(state, [3.0, 3.0, 3.0])
+
+
+def _scaled(step, ns):
+    with assert_compiles_once(step) as watched:
+        for n in ns:
+            watched({"w": jnp.ones(2)}, n)
+
+
+def test_assert_compiles_once_names_a_changing_static_value():
+    step = jax.jit(lambda tree, n: tree["w"] * n, static_argnums=1)
+    with pytest.raises(AssertionError, match=r"call\(s\) 3 of 3\): .*: n: int 1 -> int 2\."):
+        _scaled(step, (1, 1, 2))
 
 
 @given(fst.float_dtypes(), cases.dense_cases())
