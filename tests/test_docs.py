@@ -26,7 +26,7 @@ SLOW_PAGES = {"attention", "cnn", "going_fast", "overfitting", "rnn", "transfer_
 # The figures (inline SVG) each executed page shows once built.
 FIGURES = {
     "first_network": 2,
-    "cnn": 4,
+    "cnn": 3,
     "rnn": 2,
     "attention": 2,
     "overfitting": 2,
