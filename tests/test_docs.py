@@ -29,7 +29,7 @@ FIGURES = {
     "cnn": 3,
     "rnn": 2,
     "attention": 2,
-    "overfitting": 2,
+    "overfitting": 3,
     "transfer_learning": 1,
 }
 # A fence and its options (markdown-exec's `exec="on" session=...`, or none), the code.
