@@ -62,6 +62,16 @@ from fundl.recurrent import (
     simple_rnn_cell,
 )
 from fundl.remat import remat
+from fundl.sharding import (
+    ShardingRules,
+    fsdp_rules,
+    init_sharded,
+    param_paths,
+    shard_like,
+    shard_params,
+    sharding_rules,
+    tensor_parallel_rules,
+)
 from fundl.summary import summary
 from fundl.train import (
     NonFiniteLossError,
@@ -166,6 +176,15 @@ __all__ = [
     "freeze",
     "graft",
     "cache_compilations",
+    # sharding
+    "ShardingRules",
+    "sharding_rules",
+    "tensor_parallel_rules",
+    "fsdp_rules",
+    "param_paths",
+    "shard_params",
+    "shard_like",
+    "init_sharded",
     # metrics and tools
     "accuracy",
     "masked_mean",
