@@ -252,7 +252,7 @@ def shard_like(tree: Any, params: Any, param_shardings: Any) -> Any:
         >>> shardings = fl.shard_params(params, mesh, [("w", P("data", None))])
         >>> opt = fl.shard_like(optax.adam(0.1).init(params), params, shardings)
         >>> opt[0].mu["w"].spec, opt[0].count.spec
-        (P('data',), P())
+        (P('data', None), P())
 
     Args:
         tree: a pytree of arrays or shapes.
