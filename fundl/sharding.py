@@ -328,10 +328,16 @@ def init_sharded(
 
 
 def init_on_shards(init: Any, key: jax.Array, inputs: tuple, out_shardings: Any) -> Any:
-    """``init(key, *inputs)`` jitted with ``out_shardings``: each device computes its shards.
+    """``init(key, *inputs)`` jitted with ``out_shardings``: each device computes its shards."""
+    return jit_init(init, key, inputs, out_shardings)()
+
+
+def jit_init(init: Any, key: jax.Array, inputs: tuple, out_shardings: Any) -> Any:
+    """``init(key, *inputs)`` as a jitted function of no arguments with ``out_shardings``.
 
     The key is a constant of the program and the inputs only shapes, so every host runs the
-    same program with no input to place.
+    same program with no input to place (``.lower().compile().memory_analysis()`` shows what
+    one device holds).
     """
     specs = jax.tree_util.tree_map(_shape_of, inputs)
     key_data, impl = np.asarray(jax.random.key_data(key)), jax.random.key_impl(key)
@@ -339,7 +345,7 @@ def init_on_shards(init: Any, key: jax.Array, inputs: tuple, out_shardings: Any)
     def run():
         return init(jax.random.wrap_key_data(key_data, impl=impl), *specs)
 
-    return jax.jit(run, out_shardings=out_shardings)()
+    return jax.jit(run, out_shardings=out_shardings)
 
 
 def _check_every_rule_matches(rules: ShardingRules, paths: list[str]) -> None:
