@@ -197,10 +197,10 @@ def shard_params(params_or_shapes: Any, mesh: Mesh, rules: ShardingRules | Seque
         >>> import jax, jax.numpy as jnp, fundl as fl
         >>> from jax.sharding import PartitionSpec as P
         >>> mesh = jax.make_mesh((1,), ("model",))
-        >>> params = {"query": {"w": jnp.zeros((4, 8))}, "norm": {"scale": jnp.ones(4)}}
-        >>> rules = fl.sharding_rules([("query/w", P(None, "model")), ("norm/*", P())])
+        >>> params = {"w": jnp.zeros((4, 8)), "scale": jnp.ones(4)}
+        >>> rules = fl.sharding_rules([("w", P(None, "model")), ("scale", P())])
         >>> shardings = fl.shard_params(params, mesh, rules)
-        >>> shardings["query"]["w"].spec
+        >>> shardings["w"].spec
         P(None, 'model')
 
     Args:
