@@ -91,7 +91,9 @@ def sharding_rules(rules: Sequence[Rule], *, strict: bool = True) -> ShardingRul
     return ShardingRules(tuple(checked), bool(strict))
 
 
-def tensor_parallel_rules(axis: str = "model", *, embedding: str | None = "vocab") -> tuple:
+def tensor_parallel_rules(
+    axis: str = "model", *, embedding: str | None = "vocab"
+) -> tuple[Rule, ...]:
     """Megatron-style tensor parallelism for fundl's transformer blocks, as rules.
 
     Each block's matmuls split so that one all-reduce per branch joins them (Shoeybi et al.
@@ -134,12 +136,13 @@ def tensor_parallel_rules(axis: str = "model", *, embedding: str | None = "vocab
     return tuple(rules)
 
 
-def fsdp_rules(params_or_shapes: Any, mesh: Mesh, axis: str = "data") -> tuple:
+def fsdp_rules(params_or_shapes: Any, mesh: Mesh, axis: str = "data") -> tuple[Rule, ...]:
     """Fully-sharded data parallel as rules: each param split over ``axis`` on its largest axis.
 
     The axis split is the param's largest one that the size of ``axis`` divides (the first
     of equal ones); a param with none (a scalar, an odd-sized bias) gets an explicit
-    ``P()``. One rule per param, its exact path as the pattern: print them to see the layout.
+    all-``None`` spec (replicated). One rule per param, its exact path as the pattern:
+    print them to see the layout.
 
     Example:
         >>> import jax, jax.numpy as jnp, fundl as fl
