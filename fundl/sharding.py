@@ -332,20 +332,20 @@ def init_sharded(
 
 def init_on_shards(init: Any, key: jax.Array, inputs: tuple, out_shardings: Any) -> Any:
     """``init(key, *inputs)`` jitted with ``out_shardings``: each device computes its shards."""
-    return jit_init(init, key, inputs, out_shardings)()
+    key_data = np.asarray(jax.random.key_data(key))  # host data: every host may pass it
+    return jit_init(init, inputs, out_shardings, jax.random.key_impl(key))(key_data)
 
 
-def jit_init(init: Any, key: jax.Array, inputs: tuple, out_shardings: Any) -> Any:
-    """``init(key, *inputs)`` as a jitted function of no arguments with ``out_shardings``.
+def jit_init(init: Any, inputs: tuple, out_shardings: Any, impl: Any) -> Any:
+    """``init`` as a jitted function of a key's data (``jax.random.key_data``), with
+    ``out_shardings``.
 
-    The key is a constant of the program and the inputs only shapes, so every host runs the
-    same program with no input to place (``.lower().compile().memory_analysis()`` shows what
-    one device holds).
+    The inputs enter as shapes only, so every host runs the same program, compiled once for
+    any key; ``.lower(key_data).compile().memory_analysis()`` shows what one device holds.
     """
     specs = jax.tree_util.tree_map(_shape_of, inputs)
-    key_data, impl = np.asarray(jax.random.key_data(key)), jax.random.key_impl(key)
 
-    def run():
+    def run(key_data):
         return init(jax.random.wrap_key_data(key_data, impl=impl), *specs)
 
     return jax.jit(run, out_shardings=out_shardings)

@@ -74,8 +74,9 @@ results["shard_fractions"] = [
 results["unsplit_bytes"] = sum(x.nbytes for x in leaves if "data" not in x.sharding.spec)
 sharded = fl.shard_params(shapes, mesh8, rules)
 out = fl.shard_like(full, shapes, sharded)
-init = fl.sharding.jit_init(big.init, jax.random.key(0), (tokens,), out)
-memory = init.lower().compile().memory_analysis()
+key = jax.random.key(0)
+init = fl.sharding.jit_init(big.init, (tokens,), out, jax.random.key_impl(key))
+memory = init.lower(jax.random.key_data(key)).compile().memory_analysis()
 results["init_memory"] = {"temp": memory.temp_size_in_bytes,
                           "output": memory.output_size_in_bytes}
 
