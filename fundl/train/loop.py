@@ -157,19 +157,19 @@ def fit(
         mesh: a ``jax.sharding.Mesh`` for data-parallel training: each batch is split over
             the mesh axis ``data_axis`` (``batch_size`` must be a multiple of its size) and
             params and optimizer state are replicated (or split: see ``shard_params`` and
-            ``rules``). The model code does not change. A
-            partial batch the devices do not divide is padded even for a model with state:
-            pass ``drop_remainder=True`` to keep padding out of batch statistics.
+            ``rules``). The model code does not change. A partial batch the devices do not
+            divide is padded even for a model with state: pass ``drop_remainder=True`` to
+            keep padding out of batch statistics.
         data_axis: the mesh axis to split batches over.
         shard_params: with ``mesh``, also split params and optimizer state over
             ``data_axis`` (FSDP-style: each leaf along its first axis the device count
             divides), so each device holds a share of them; XLA gathers them for the step.
-        rules: with ``mesh``, where each param lies: a :class:`ShardingRules` or
+        rules: with ``mesh``, where each param lies: a :class:`fundl.ShardingRules` or
             ``(pattern, PartitionSpec)`` pairs (strict), e.g.
             ``fl.tensor_parallel_rules("model")`` plus rules for the rest on a
             ``("data", "model")`` mesh, or ``fl.fsdp_rules(params, mesh)`` (see
             :mod:`fundl.sharding`). The optimizer state follows its params
-            (:func:`shard_like`), and a fresh train state is initialised under ``jit`` on
+            (:func:`fundl.shard_like`), and a fresh train state is initialised under ``jit`` on
             these shardings, so no device ever holds the whole model. Batches are still
             split over ``data_axis`` only.
 
