@@ -55,7 +55,7 @@ from fundl.norm import BatchNormState, batch_norm, group_norm, layer_norm, rms_n
 from fundl.onnx import to_onnx
 from fundl.plot import plot_history
 from fundl.pooling import avg_pool, global_avg_pool, global_max_pool, max_pool
-from fundl.precision import Policy, param_paths, with_policy
+from fundl.precision import Policy, policy_paths, with_policy
 from fundl.recurrent import (
     Cell,
     bidirectional,
@@ -67,6 +67,16 @@ from fundl.recurrent import (
     simple_rnn_cell,
 )
 from fundl.remat import remat
+from fundl.sharding import (
+    ShardingRules,
+    fsdp_rules,
+    init_sharded,
+    param_paths,
+    shard_like,
+    shard_params,
+    sharding_rules,
+    tensor_parallel_rules,
+)
 from fundl.summary import summary
 from fundl.train import (
     NonFiniteLossError,
@@ -176,7 +186,16 @@ __all__ = [
     # precision
     "Policy",
     "with_policy",
+    "policy_paths",
+    # sharding
+    "ShardingRules",
+    "sharding_rules",
+    "tensor_parallel_rules",
+    "fsdp_rules",
     "param_paths",
+    "shard_params",
+    "shard_like",
+    "init_sharded",
     # metrics and tools
     "accuracy",
     "masked_mean",

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from fundl.core import Layer, call_at, default_float_dtype, layer_name, named
 
-__all__ = ["Policy", "with_policy", "param_paths"]
+__all__ = ["Policy", "with_policy", "policy_paths"]
 
 
 class Policy(NamedTuple):
@@ -46,7 +46,7 @@ class Policy(NamedTuple):
             ``apply`` (``None``: the same default float dtype).
         output_dtype: the dtype of the floating outputs (``None``: the same default), the
             dtype the loss sees.
-        keep: patterns of the param paths (see :func:`param_paths`) that are not cast to
+        keep: patterns of the param paths (see :func:`policy_paths`) that are not cast to
             ``dtype`` and stay in ``param_dtype``, e.g. ``("*norm*",)`` for every norm's
             ``scale`` and ``bias``. ``*`` matches any characters, ``?`` one character; every
             other character, brackets included, matches itself. Every pattern must match at
@@ -151,7 +151,7 @@ def _labels(layer: Layer, params: Any, where: str) -> Any:
     return labels
 
 
-def param_paths(model: Layer, params: Any) -> list[str]:
+def policy_paths(model: Layer, params: Any) -> list[str]:
     """The path of every param leaf of ``model``, the strings :class:`Policy` ``keep`` matches.
 
     A path is the layer's place in the model as errors print it, the layer's name and the
@@ -161,7 +161,7 @@ def param_paths(model: Layer, params: Any) -> list[str]:
         >>> import jax, jax.numpy as jnp, fundl as fl
         >>> model = fl.serial(fl.dense(4), fl.layer_norm(), fl.dense(2))
         >>> params, _ = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3)))
-        >>> fl.param_paths(model, params)  # doctest: +NORMALIZE_WHITESPACE
+        >>> fl.policy_paths(model, params)  # doctest: +NORMALIZE_WHITESPACE
         ["serial[0] dense(4)['b']", "serial[0] dense(4)['w']",
          "serial[1] layer_norm()['bias']", "serial[1] layer_norm()['scale']",
          "serial[2] dense(2)['b']", "serial[2] dense(2)['w']"]

@@ -25,7 +25,7 @@ TUTORIALS = sorted((DOCS / "tutorials").glob("*.md"))
 PAGES_WITH_CODE = [ROOT / "README.md", DOCS / "index.md", *TUTORIALS]
 # Tutorials that train a model for 5-20 s: FUNDL_SLOW=1 runs them (CI does).
 SLOW_PAGES = {"attention", "cnn", "going_fast", "overfitting", "rnn", "transfer_learning",
-              "taking_out", "benchmarking"}  # fmt: skip
+              "taking_out", "benchmarking", "scaling_out"}  # fmt: skip
 # Pages that need optional extras (fundl[onnx], fundl[torch]): skipped with a note without them.
 NEEDS = {"taking_out": ("jax2onnx", "onnxruntime", "torch")}
 # The figures (inline SVG) each page shows once built; the other pages show none.

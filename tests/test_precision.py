@@ -129,14 +129,14 @@ def test_integer_inputs_and_side_inputs_stay_as_they_are():
     assert seen[0][1] == [jnp.int32] and y.dtype == jnp.float32
 
 
-def test_param_paths_name_layers_through_combinators():
+def test_policy_paths_name_layers_through_combinators():
     model = fl.serial(
         fl.bidirectional(fl.rnn(fl.lstm_cell(4)), fl.rnn(fl.lstm_cell(4), reverse=True)),
         fl.residual(fl.serial(ln=fl.layer_norm(), up=fl.dense(8))),
         fl.repeat(fl.dense(8), times=2),
     )
     params, _ = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 5, 8)))
-    paths = fl.param_paths(model, params)
+    paths = fl.policy_paths(model, params)
     assert len(paths) == len(jax.tree.leaves(params))
     assert "serial[0].bidirectional.backward.rnn lstm_cell(4)['wi']" in paths
     assert "serial[1].residual.serial[ln] layer_norm()['scale']" in paths

@@ -9,14 +9,16 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec
 
 from fundl.compilation_cache import cache_by_default
 from fundl.core import Layer
+from fundl.sharding import ShardingRules, sharding_rules
 from fundl.train.callbacks import Callback, call_callbacks, progress_bar
 from fundl.train.data import Iterable, Policy, batches, check_batch, eval_batches, n_examples
 from fundl.train.placement import Placement, placement
 from fundl.train.run import check_nonfinite, open_run, start
-from fundl.train.state import TrainState, start_state
+from fundl.train.state import TrainState, start_state, state_shapes
 from fundl.train.steps import (
     Loss,
     Metric,
@@ -65,6 +67,7 @@ def fit(
     mesh: jax.sharding.Mesh | None = None,
     data_axis: str = "data",
     shard_params: bool = False,
+    rules: ShardingRules | Sequence[tuple[str, PartitionSpec]] | None = None,
 ) -> tuple[TrainState, list[dict[str, float]]]:
     """Trains ``model`` for ``epochs`` passes over ``train_data``: Keras's ``fit``, pure inside.
 
@@ -155,13 +158,22 @@ def fit(
             resumed with more ``epochs`` trains on; one a callback stopped is returned.
         mesh: a ``jax.sharding.Mesh`` for data-parallel training: each batch is split over
             the mesh axis ``data_axis`` (``batch_size`` must be a multiple of its size) and
-            params and optimizer state are replicated. The model code does not change. A
-            partial batch the devices do not divide is padded even for a model with state:
-            pass ``drop_remainder=True`` to keep padding out of batch statistics.
+            params and optimizer state are replicated (or split: see ``shard_params`` and
+            ``rules``). The model code does not change. A partial batch the devices do not
+            divide is padded even for a model with state: pass ``drop_remainder=True`` to
+            keep padding out of batch statistics.
         data_axis: the mesh axis to split batches over.
         shard_params: with ``mesh``, also split params and optimizer state over
             ``data_axis`` (FSDP-style: each leaf along its first axis the device count
             divides), so each device holds a share of them; XLA gathers them for the step.
+        rules: with ``mesh``, where each param lies: a :class:`fundl.ShardingRules` or
+            ``(pattern, PartitionSpec)`` pairs (strict), e.g.
+            ``fl.tensor_parallel_rules("model")`` plus rules for the rest on a
+            ``("data", "model")`` mesh, or ``fl.fsdp_rules(params, mesh)`` (see
+            :mod:`fundl.sharding`). The optimizer state follows its params
+            (:func:`fundl.shard_like`), and a fresh train state is initialised under ``jit`` on
+            these shardings, so no device ever holds the whole model. Batches are still
+            split over ``data_axis`` only.
 
     Returns:
         ``(train_state, history)``: the final :class:`TrainState` and a list with one dict
@@ -183,8 +195,10 @@ def fit(
     source = batches(train_data, batch_size * num_micro_batches, shuffle=shuffle,
                      drop_remainder=drop_remainder, seed=shuffle_seed)  # fmt: skip
     _check_splits(source, num_micro_batches)
-    ts = start_state(model, optimizer, init_key, source.example[0], train_state)
-    place = placement(mesh, data_axis, shard_params, batch_size, ts)
+    shapes = None if mesh is None else state_shapes(model, optimizer, init_key,
+                                                    source.example[0], train_state)  # fmt: skip
+    place = placement(mesh, data_axis, shard_params, batch_size, shapes, _rules(rules))
+    ts = start_state(model, optimizer, init_key, source.example[0], train_state, place.state)
     policy = _policy(model, loss, ts, source.example, place, check_data, num_micro_batches)
     source.validate(policy)
     names = metric_names(metrics)
@@ -257,6 +271,13 @@ def _check_counts(epochs, batch_size, steps_per_call, checkpoint_every, num_micr
             f"fit: num_micro_batches must be a positive int (micro-batches per optimizer "
             f"step; 1 for no accumulation), got {num_micro_batches!r}."
         )
+
+
+def _rules(rules) -> ShardingRules | None:
+    """``rules`` as :class:`ShardingRules` (a sequence of pairs is strict)."""
+    if rules is None or isinstance(rules, ShardingRules):
+        return rules
+    return sharding_rules(rules)
 
 
 def _check_splits(source, num_micro_batches: int) -> None:

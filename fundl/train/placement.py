@@ -1,9 +1,10 @@
 """Placement: where a run puts its data and its train state (one device, or a mesh).
 
 With a mesh, each batch is split over the mesh axis ``data_axis`` and the train state is
-replicated, or, with ``shard_params``, each leaf is split along its first axis the devices
-divide (FSDP-style); XLA partitions the step. Across hosts, every process builds its own
-devices' shards from the same full value.
+replicated; or, with ``shard_params``, each leaf is split along its first axis the devices
+divide (FSDP-style); or, with sharding rules (:mod:`fundl.sharding`), each param lies as its
+rule says, on any mesh axes, and the optimizer state follows its param. XLA partitions the
+step. Across hosts, every process builds its own devices' shards from the same full value.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
+
+from fundl.sharding import ShardingRules, shard_like
+from fundl.sharding import shard_params as rule_shardings
 
 __all__: list[str] = []
 
@@ -70,15 +74,29 @@ def placement(
     shard_params: bool,
     batch_size: int,
     train_state: Any,
+    rules: ShardingRules | None = None,
 ) -> Placement:
     """The :class:`Placement` of a run on ``mesh`` (``NO_MESH`` when it is ``None``).
 
+    ``train_state`` may hold arrays or their shapes (``jax.eval_shape``).
+
     Raises:
-        ValueError: ``data_axis`` is not an axis of ``mesh``, or ``batch_size`` is not a
-            multiple of its devices.
+        ValueError: ``data_axis`` is not an axis of ``mesh``, ``batch_size`` is not a
+            multiple of its devices, ``rules`` without a mesh or with ``shard_params``, or
+            from :func:`fundl.shard_params`.
     """
     if mesh is None:
+        if rules is not None:
+            raise ValueError(
+                "fit: rules place params on a mesh; pass mesh= too (e.g. "
+                'jax.make_mesh((2, 4), ("data", "model"))).'
+            )
         return NO_MESH
+    if rules is not None and shard_params:
+        raise ValueError(
+            "fit: pass rules or shard_params=True, not both; for FSDP by rules use "
+            "fl.fsdp_rules(params, mesh)."
+        )
     if data_axis not in mesh.axis_names:
         raise ValueError(f"fit: mesh has axes {mesh.axis_names}, not {data_axis!r}.")
     shards = mesh.shape[data_axis]
@@ -107,10 +125,15 @@ def placement(
                     return NamedSharding(auto, PartitionSpec(*spec))
         return replicated
 
+    if rules is None:
+        state = jax.tree_util.tree_map(leaf_sharding, train_state)
+    else:
+        params = train_state.params
+        state = shard_like(train_state, params, rule_shardings(params, auto, rules))
     return Placement(
         batch=NamedSharding(auto, PartitionSpec(data_axis)),
         replicated=replicated,
-        state=jax.tree_util.tree_map(leaf_sharding, train_state),
+        state=state,
         shards=shards,
     )
 
@@ -125,6 +148,8 @@ def put(tree: Any, sharding: jax.sharding.Sharding | None) -> Any:
         return jax.device_put(tree, sharding)
 
     def put_leaf(x):  # several processes: each builds its own shards from the full value
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x  # already there (initialised on its shards)
         if _is_key(x):
             return jax.random.wrap_key_data(
                 put_leaf(jax.random.key_data(x)), impl=jax.random.key_impl(x)

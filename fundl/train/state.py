@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from fundl.core import Layer
+from fundl.sharding import init_on_shards
 from fundl.train.params import check_same_tree
 
 __all__ = ["TrainState", "init_train_state"]
@@ -91,16 +93,39 @@ def init_train_state(
     )
 
 
+def state_shapes(
+    model: Layer,
+    optimizer: optax.GradientTransformation,
+    key: jax.Array,
+    example_inputs: Any,
+    train_state: TrainState | None,
+) -> Any:
+    """The shapes of ``fit``'s first state (``train_state`` itself when given), made without
+    allocating it."""
+    if train_state is not None:
+        return train_state
+    return jax.eval_shape(functools.partial(init_train_state, model, optimizer), key,
+                          example_inputs)  # fmt: skip
+
+
 def start_state(
     model: Layer,
     optimizer: optax.GradientTransformation,
     key: jax.Array,
     example_inputs: Any,
     train_state: TrainState | None,
+    shardings: Any = None,
 ) -> TrainState:
-    """``fit``'s first state: a fresh one, or a copy of ``train_state`` (fit donates buffers)."""
+    """``fit``'s first state: a fresh one, or a copy of ``train_state`` (fit donates buffers).
+
+    With ``shardings`` (a tree of shardings shaped like the train state), a fresh state is
+    initialised under ``jit`` on them, so each device computes only its shards.
+    """
     if train_state is None:
-        return init_train_state(model, optimizer, key, example_inputs)
+        if shardings is None:
+            return init_train_state(model, optimizer, key, example_inputs)
+        init = functools.partial(init_train_state, model, optimizer)
+        return init_on_shards(init, key, (example_inputs,), shardings)
     check_opt_state(optimizer, train_state)
     return jax.tree_util.tree_map(jnp.copy, train_state)
 
