@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from fundl.attention import multi_head_attention
 from fundl.combinators import residual, serial
-from fundl.core import Layer, call_at, layer_name, named, renamed
+from fundl.core import Layer, call_at, layer_info, layer_name, named, renamed
 from fundl.dense import dense
 from fundl.dropout import dropout
 from fundl.norm import layer_norm
@@ -87,7 +87,9 @@ def attention_residual(attention: Layer, norm: Layer, dropout: Layer | None = No
             )
         return x + h.astype(x.dtype), new_state
 
-    return named(Layer(init, apply), label, tuple((segments[n], c) for n, c in children.items()))
+    pairs = tuple((segments[n], c) for n, c in children.items())
+    rebuild = lambda c: attention_residual(c[1], c[0], *c[2:])  # noqa: E731 (children in order)
+    return named(Layer(init, apply), label, pairs, side_inputs=("mask",), rebuild=rebuild)
 
 
 _RENAMED = {
@@ -153,7 +155,7 @@ def _block(
     if drop is not None:
         mlp["drop"] = drop
     block = serial(attn=attention_residual(attention, norm, drop), mlp=residual(serial(**mlp)))
-    return named(block, name, block.children)
+    return named(block, name, block.children, **layer_info(block).meta)
 
 
 @renamed(**_RENAMED)

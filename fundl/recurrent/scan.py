@@ -348,7 +348,8 @@ def rnn(
         return ((ys, carry) if return_carry else ys), state
 
     meta = {"reverse": reverse, "return_carry": return_carry}
-    return named(Layer(init, apply), opts.name, (("rnn", cell.layer),), rnn=meta)
+    side = ("lengths",)  # a side input: combinators pass lengths= on (fundl.core.side_inputs)
+    return named(Layer(init, apply), opts.name, (("rnn", cell.layer),), rnn=meta, side_inputs=side)
 
 
 _DEFAULTS = {"return_sequences": True, "return_carry": False, "reverse": False, "unroll": 1,
