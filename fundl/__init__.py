@@ -47,6 +47,7 @@ from fundl.embedding import (
     sinusoidal_positions,
     sinusoidal_table,
 )
+from fundl.inspect import capture, layer_paths, submodel
 from fundl.metrics import accuracy, masked_mean
 from fundl.norm import BatchNormState, batch_norm, group_norm, layer_norm, rms_norm
 from fundl.plot import plot_history
@@ -171,6 +172,10 @@ __all__ = [
     "masked_mean",
     "summary",
     "plot_history",
+    # looking inside a model
+    "layer_paths",
+    "capture",
+    "submodel",
     # submodules
     "checkpoint",
     "datasets",
