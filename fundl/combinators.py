@@ -510,7 +510,7 @@ def repeat(layer: LayerLike, times: int, *, unroll: int = 1, remat: bool = False
 
         if remat:  # prevent_cse is not needed inside a scan, which keeps the passes apart
             body = jax.checkpoint(body, prevent_cse=False)
-        return jax.lax.scan(body, x, (params, state, keys), unroll=unroll)
+        return jax.lax.scan(body, x, (params, state, keys), length=times, unroll=unroll)
 
     return _combinator(Layer(init, apply), label, (("repeat", child),),
                        lambda c: repeat(c[0], times, unroll=unroll, remat=remat))  # fmt: skip

@@ -102,6 +102,7 @@ def test_capture_under_jit_grad_and_vmap():
     np.testing.assert_allclose(one, batch, **TOL)
 
 
+@pytest.mark.slow  # a scan and a batch norm to compile, eagerly
 def test_capture_inside_repeat_is_stacked_per_copy():
     block = fl.serial(fl.dense(6), jnp.tanh)
     model = fl.serial(fl.dense(6), fl.repeat(block, 3))
@@ -116,6 +117,7 @@ def test_capture_inside_repeat_is_stacked_per_copy():
     np.testing.assert_allclose(y, expected[-1], **TOL)
 
 
+@pytest.mark.slow  # a scan and a batch norm to compile, eagerly
 def test_capture_keeps_the_state_of_a_stateful_model():
     model = fl.serial(fl.flatten(), fl.dense(8), fl.batch_norm(), fl.shared(fl.dense(8), 2))
     params, state = init(model)
