@@ -33,7 +33,7 @@ def bidirectional_lstm(features):
 def test_a_bidirectional_lstm_stack_reads_lengths_in_every_layer():
     model = fl.serial(bidirectional_lstm(5), fl.dropout(0.5), bidirectional_lstm(3), fl.dense(2))
     params, state = model.init(jax.random.key(0), X)
-    y, _ = jax.jit(model.apply)(params, state, X, lengths=LENGTHS)
+    y, _ = jax.jit(model.apply)(params, state, X, lengths=jnp.asarray(LENGTHS))
     assert_each_sequence_as_alone(model, params, state, y, "with lengths")
     unmasked, _ = jax.jit(model.apply)(params, state, X)  # backward layers then read padding
     assert not np.allclose(unmasked[1, :2], y[1, :2], **TOL)
