@@ -343,10 +343,12 @@ def branch(*layers: LayerLike, **named_layers: LayerLike) -> Layer:
     def init(key, *inputs):
         return inner.init(key, *(inputs * n))
 
+    pairs = tuple(zip(_segments("branch", names, n), children, strict=True))
+
     def apply(params, state, *inputs, key=None, train=False, **side):
+        route_side_inputs("branch", pairs, side)  # a name no branch takes fails as "branch"
         return inner.apply(params, state, *(inputs * n), key=key, train=train, **side)
 
-    pairs = tuple(zip(_segments("branch", names, n), children, strict=True))
     return _combinator(Layer(init, apply), "branch", pairs, _rebuild(names, branch))
 
 
