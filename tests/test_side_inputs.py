@@ -46,6 +46,10 @@ def test_an_encoder_stack_reads_the_padding_mask_in_every_block():
     mask = (np.arange(6)[None, :] < LENGTHS[:, None])[:, None, :]  # (batch, 1, time): keys
     y, _ = jax.jit(model.apply)(params, state, X, mask=mask)
     assert_each_sequence_as_alone(model, params, state, y, "with a padding mask")
+    (out, captured), _ = fl.capture(model, ["serial[1]"]).apply(params, state, X, mask=mask)
+    stack_out, _ = fl.submodel(model, "serial[1]").apply(params, state, X, mask=mask)
+    np.testing.assert_allclose(out, y, **TOL)
+    np.testing.assert_allclose(captured["serial[1]"], stack_out, **TOL)
 
 
 def scale_by():
