@@ -273,7 +273,8 @@ def join_path(*segments: str) -> str:
     of the one before: ``"serial[1].residual"``. Errors print these paths, and
     :func:`fundl.capture` takes them.
     """
-    return "".join(s if i == 0 or s.startswith("[") else "." + s for i, s in enumerate(segments))
+    parts = [s for s in segments if s]  # "" is the model itself
+    return "".join(s if i == 0 or s.startswith("[") else "." + s for i, s in enumerate(parts))
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -105,7 +105,7 @@ def _rewrite(layer: Layer, prefix: str, wrap: Callable[[str, Layer], Layer], tar
         return layer
     children = []
     for segment, child in info.children:
-        path = join_path(prefix, segment) if prefix else segment
+        path = join_path(prefix, segment)
         child = _rewrite(child, path, wrap, targets)
         children.append(wrap(path, child) if path in targets else child)
     rebuilt = info.meta["rebuild"](tuple(children))
@@ -198,7 +198,7 @@ def _after(model: Layer, path: str) -> list[str]:
     """The paths of the layers ``serial`` runs after ``path``, from the model down."""
     info, prefix, cut = layer_info(model), "", []
     while info.meta.get("sequential"):
-        segments = [join_path(prefix, s) if prefix else s for s, _ in info.children]
+        segments = [join_path(prefix, s) for s, _ in info.children]
         here = next(i for i, s in enumerate(segments) if _under(path, s))
         cut += segments[here + 1 :]
         if segments[here] == path:
