@@ -48,6 +48,7 @@ from fundl.embedding import (
     sinusoidal_table,
 )
 from fundl.export import export, load_exported
+from fundl.inspect import capture, layer_paths, submodel
 from fundl.interop import from_torch, to_torch_state_dict
 from fundl.load_report import LoadReport, compare_trees
 from fundl.metrics import accuracy, masked_mean
@@ -207,6 +208,10 @@ __all__ = [
     "to_onnx",
     "from_torch",
     "to_torch_state_dict",
+    # looking inside a model
+    "layer_paths",
+    "capture",
+    "submodel",
     # submodules
     "bench",
     "checkpoint",

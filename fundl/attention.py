@@ -236,7 +236,7 @@ def multi_head_attention(
             y = jnp.where(state.index > state.key.shape[1], jnp.asarray(jnp.nan, y.dtype), y)
         return y, state
 
-    return named(Layer(init, apply), name)
+    return named(Layer(init, apply), name, side_inputs=("mask",))
 
 
 class _Config(NamedTuple):

@@ -1,4 +1,10 @@
-"""Combinators: build models out of layers (serial, parallel, fan-out/fan-in, residual)."""
+"""Combinators: build models out of layers (serial, parallel, fan-out/fan-in, residual).
+
+Each combinator passes the side inputs its ``apply`` gets by keyword (``lengths=``,
+``mask=``) to the children that declare them (:func:`fundl.core.route_side_inputs`), and
+records in its :class:`~fundl.core.LayerInfo` how to rebuild it over new children (for
+:func:`fundl.capture`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fundl.core import Layer, call_at, layer_name, named, renamed
+from fundl.core import Layer, call_at, layer_name, named, renamed, route_side_inputs, side_inputs
 
 __all__ = [
     "as_layer",
@@ -136,6 +142,19 @@ def _unpack(names: tuple[str, ...] | None, tree: Any, n: int, what: str, who: st
     return list(tree)
 
 
+def _combinator(layer: Layer, name: str, children, rebuild: Callable, **meta: Any) -> Layer:
+    """``named`` for a combinator: it takes the side inputs its children take."""
+    taken = sorted({n for _, child in children for n in side_inputs(child)})
+    return named(layer, name, tuple(children), side_inputs=tuple(taken), rebuild=rebuild, **meta)
+
+
+def _rebuild(names: tuple[str, ...] | None, combine: Callable[..., Layer]) -> Callable:
+    """``children -> combine(*children)``, by keyword when the layers were named."""
+    if names is None:
+        return lambda children: combine(*children)
+    return lambda children: combine(**dict(zip(names, children, strict=True)))
+
+
 def _split(key: jax.Array | None, n: int) -> list[jax.Array | None]:
     return [None] * n if key is None else list(jax.random.split(key, n))
 
@@ -153,6 +172,11 @@ def serial(*layers: LayerLike, **named_layers: LayerLike) -> Layer:
     passed by keyword (``serial(body=..., head=...)``), which makes surgery and transfer
     learning read well: ``params["head"]``. ``init`` and ``apply`` split their key into one
     key per layer, so two dropout layers never share a mask.
+
+    Side inputs, keyword arguments of ``apply`` such as ``lengths=`` or ``mask=``, go
+    unchanged to every layer that declares them (:func:`fundl.core.side_inputs`), and to no
+    other; one that no layer takes is a ``TypeError``. Every combinator here does the same,
+    so ``serial(rnn_a, rnn_b).apply(params, state, x, lengths=lengths)`` masks both layers.
 
     Example:
         >>> import jax, jax.numpy as jnp, fundl as fl
@@ -182,19 +206,23 @@ def serial(*layers: LayerLike, **named_layers: LayerLike) -> Layer:
             states.append(s)
         return _pack(names, params), _pack(names, states)
 
-    def apply(params, state, *inputs, key=None, train=False):
+    pairs = tuple(zip(segments, children, strict=True))
+
+    def apply(params, state, *inputs, key=None, train=False, **side):
         n = len(children)
         params = _unpack(names, params, n, "params", "serial")
         state = _unpack(names, state, n, "state", "serial")
+        sides = route_side_inputs("serial", pairs, side)
         new_states = []
-        keys = _split(key, n)
-        for segment, child, p, s, k in zip(segments, children, params, state, keys, strict=True):
-            out, s = call_at(segment, child.apply, p, s, *inputs, key=k, train=train)
+        for (segment, child), p, s, k, sd in zip(pairs, params, state, _split(key, n), sides,
+                                                  strict=True):  # fmt: skip
+            out, s = call_at(segment, child.apply, p, s, *inputs, key=k, train=train, **sd)
             inputs = (out,)
             new_states.append(s)
         return inputs[0], _pack(names, new_states)
 
-    return named(Layer(init, apply), "serial", tuple(zip(segments, children, strict=True)))
+    return _combinator(Layer(init, apply), "serial", pairs, _rebuild(names, serial),
+                       sequential=True)  # fmt: skip
 
 
 def parallel(*layers: LayerLike, **named_layers: LayerLike) -> Layer:
@@ -234,20 +262,23 @@ def parallel(*layers: LayerLike, **named_layers: LayerLike) -> Layer:
         ]
         return _pack(names, [p for p, _ in pairs]), _pack(names, [s for _, s in pairs])
 
-    def apply(params, state, *inputs, key=None, train=False):
+    pairs = tuple(zip(segments, children, strict=True))
+
+    def apply(params, state, *inputs, key=None, train=False, **side):
         inputs = split_inputs(inputs)
         params = _unpack(names, params, n, "params", "parallel")
         state = _unpack(names, state, n, "state", "parallel")
+        sides = route_side_inputs("parallel", pairs, side)
         outs, new_states = [], []
-        for seg, child, p, s, k, x in zip(
-            segments, children, params, state, _split(key, n), inputs, strict=False
+        for (seg, child), p, s, k, x, sd in zip(
+            pairs, params, state, _split(key, n), inputs, sides, strict=False
         ):
-            out, s = call_at(seg, child.apply, p, s, x, key=k, train=train)
+            out, s = call_at(seg, child.apply, p, s, x, key=k, train=train, **sd)
             outs.append(out)
             new_states.append(s)
         return tuple(outs), _pack(names, new_states)
 
-    return named(Layer(init, apply), "parallel", tuple(zip(segments, children, strict=True)))
+    return _combinator(Layer(init, apply), "parallel", pairs, _rebuild(names, parallel))
 
 
 @renamed(n="times")
@@ -312,11 +343,13 @@ def branch(*layers: LayerLike, **named_layers: LayerLike) -> Layer:
     def init(key, *inputs):
         return inner.init(key, *(inputs * n))
 
-    def apply(params, state, *inputs, key=None, train=False):
-        return inner.apply(params, state, *(inputs * n), key=key, train=train)
+    pairs = tuple(zip(_segments("branch", names, n), children, strict=True))
 
-    segments = _segments("branch", names, n)
-    return named(Layer(init, apply), "branch", tuple(zip(segments, children, strict=True)))
+    def apply(params, state, *inputs, key=None, train=False, **side):
+        route_side_inputs("branch", pairs, side)  # a name no branch takes fails as "branch"
+        return inner.apply(params, state, *(inputs * n), key=key, train=train, **side)
+
+    return _combinator(Layer(init, apply), "branch", pairs, _rebuild(names, branch))
 
 
 def residual(layer: LayerLike) -> Layer:
@@ -331,8 +364,10 @@ def residual(layer: LayerLike) -> Layer:
     child = as_layer(layer)
     label = f"residual({layer_name(child)})"
 
-    def apply(params, state, x, key=None, train=False):
-        y, state = call_at("residual", child.apply, params, state, x, key=key, train=train)
+    def apply(params, state, x, key=None, train=False, **side):
+        (side,) = route_side_inputs(label, (("residual", child),), side)
+        y, state = call_at("residual", child.apply, params, state, x, key=key, train=train,
+                           **side)  # fmt: skip
         if jnp.shape(y) != jnp.shape(x):
             raise ValueError(
                 f"{label}: the branch maps shape {jnp.shape(x)} to {jnp.shape(y)}; a residual "
@@ -344,7 +379,7 @@ def residual(layer: LayerLike) -> Layer:
     def init(key, x):
         return call_at("residual", child.init, key, x)
 
-    return named(Layer(init, apply), label, (("residual", child),))
+    return _combinator(Layer(init, apply), label, (("residual", child),), lambda c: residual(*c))
 
 
 def shared(layer: LayerLike, times: int) -> Layer:
@@ -361,17 +396,21 @@ def shared(layer: LayerLike, times: int) -> Layer:
     child = as_layer(layer)
     if not isinstance(times, int) or times < 1:
         raise ValueError(f"shared(layer, times): times must be a positive int, got {times!r}.")
+    label = f"shared({layer_name(child)}, {times})"
 
     def init(key, *inputs):
         return call_at("shared", child.init, key, *inputs)
 
-    def apply(params, state, *inputs, key=None, train=False):
+    def apply(params, state, *inputs, key=None, train=False, **side):
+        (side,) = route_side_inputs(label, (("shared", child),), side)
         for k in _split(key, times):
-            out, state = call_at("shared", child.apply, params, state, *inputs, key=k, train=train)
+            out, state = call_at("shared", child.apply, params, state, *inputs, key=k,
+                                 train=train, **side)  # fmt: skip
             inputs = (out,)
         return inputs[0], state
 
-    return named(Layer(init, apply), f"shared({layer_name(child)}, {times})", (("shared", child),))
+    return _combinator(Layer(init, apply), label, (("shared", child),),
+                       lambda c: shared(c[0], times))  # fmt: skip
 
 
 def identity() -> Layer:
@@ -387,8 +426,9 @@ def repeat(layer: LayerLike, times: int, *, unroll: int = 1, remat: bool = False
     stack runs under ``jax.lax.scan``, so XLA compiles the layer once: a 24-block transformer
     compiles about as fast as a 1-block one (unlike ``serial(block, block, ...)``). The output
     of each copy is the input of the next, so the layer must map its first input to the same
-    shape and dtype; further inputs (e.g. an attention mask) are passed unchanged to every
-    copy. ``init`` and ``apply`` split their key into one key per copy.
+    shape and dtype; further inputs (e.g. an attention mask), and side inputs by keyword
+    (``mask=``, see :func:`serial`), are passed unchanged to every copy. ``init`` and
+    ``apply`` split their key into one key per copy.
 
     Block ``i``'s params are ``jax.tree.map(lambda p: p[i], params)``; to replace them,
     ``jax.tree.map(lambda p, q: p.at[i].set(q), params, new_block_params)``.
@@ -453,7 +493,7 @@ def repeat(layer: LayerLike, times: int, *, unroll: int = 1, remat: bool = False
         check_carry(x, y)
         return params, state
 
-    def apply(params, state, x, *rest, key=None, train=False):
+    def apply(params, state, x, *rest, key=None, train=False, **side):
         for leaf in jax.tree_util.tree_leaves((params, state)):
             if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != times:
                 raise ValueError(
@@ -462,18 +502,20 @@ def repeat(layer: LayerLike, times: int, *, unroll: int = 1, remat: bool = False
                     f"this layer's init."
                 )
         keys = None if key is None else jax.random.split(key, times)
+        (side,) = route_side_inputs(label, (("repeat", child),), side)
 
         def body(h, xs):
             p, s, k = xs
-            y, s = call_at("repeat", child.apply, p, s, h, *rest, key=k, train=train)
+            y, s = call_at("repeat", child.apply, p, s, h, *rest, key=k, train=train, **side)
             check_carry(h, y)
             return y, s
 
         if remat:  # prevent_cse is not needed inside a scan, which keeps the passes apart
             body = jax.checkpoint(body, prevent_cse=False)
-        return jax.lax.scan(body, x, (params, state, keys), unroll=unroll)
+        return jax.lax.scan(body, x, (params, state, keys), length=times, unroll=unroll)
 
-    return named(Layer(init, apply), label, (("repeat", child),))
+    return _combinator(Layer(init, apply), label, (("repeat", child),),
+                       lambda c: repeat(c[0], times, unroll=unroll, remat=remat))  # fmt: skip
 
 
 def _describe(specs: Any) -> str:

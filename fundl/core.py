@@ -28,7 +28,10 @@ __all__ = [
     "check_floating",
     "with_path",
     "call_at",
+    "join_path",
     "renamed",
+    "side_inputs",
+    "route_side_inputs",
 ]
 
 Params = Any
@@ -65,6 +68,7 @@ class ApplyFn(Protocol):
         *inputs: Any,
         key: jax.Array | None = None,
         train: bool = False,
+        **side_inputs: Any,
     ) -> tuple[Any, State]:
         """Returns ``(outputs, new_state)``.
 
@@ -76,6 +80,9 @@ class ApplyFn(Protocol):
                 draws random numbers. A stochastic layer in training mode without a key
                 raises a ``ValueError``.
             train: ``True`` in training mode (dropout active, batch statistics updated).
+            **side_inputs: per-call inputs by keyword, such as ``lengths=`` or ``mask=``,
+                only those the layer declares (:func:`side_inputs`); combinators pass each
+                child the ones it declares (see ``docs/design.md``).
 
         Returns:
             ``(outputs, new_state)``. Stateless layers return the state they were given.
@@ -148,6 +155,11 @@ class LayerInfo(NamedTuple):
         children: for combinators, ``(path_segment, child)`` pairs, e.g. ``(("[0]", a),)``.
         meta: facts other parts of fundl read about this kind of layer, by key (e.g.
             ``fl.rnn`` records its direction under ``"rnn"`` for ``fl.bidirectional``).
+            Keys fundl reads everywhere: ``"side_inputs"``, the names of the keyword inputs
+            ``apply`` takes per call (see :func:`side_inputs`); ``"rebuild"``, for
+            combinators, a function from new children (in ``children``'s order) to the same
+            combinator over them, which :func:`fundl.capture` uses; ``"sequential"``,
+            ``True`` for ``serial``, whose output is its last child's.
     """
 
     name: str
@@ -250,11 +262,19 @@ def with_path(err: Exception, segment: str) -> Exception:
     message = getattr(err, "_fundl_message", err.args[0])
     err._fundl_path = [segment, *path]  # type: ignore[attr-defined]
     err._fundl_message = message  # type: ignore[attr-defined]
-    joined = "".join(err._fundl_path[:1]) + "".join(
-        s if s.startswith("[") else "." + s for s in err._fundl_path[1:]
-    )
-    err.args = (f"{joined} {message}", *err.args[1:])
+    err.args = (f"{join_path(*err._fundl_path)} {message}", *err.args[1:])
     return err
+
+
+def join_path(*segments: str) -> str:
+    """The path of a layer from its segments: ``join_path("serial[1]", "residual")``.
+
+    Segments are joined with ``"."``, except one that starts with ``"["``, which is an index
+    of the one before: ``"serial[1].residual"``. Errors print these paths, and
+    :func:`fundl.capture` takes them.
+    """
+    parts = [s for s in segments if s]  # "" is the model itself
+    return "".join(s if i == 0 or s.startswith("[") else "." + s for i, s in enumerate(parts))
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -303,6 +323,60 @@ def renamed(*, note_: str = "", **new_names: str) -> Callable[[F], F]:
         return checked  # type: ignore[return-value]
 
     return decorate
+
+
+def side_inputs(layer: Layer) -> tuple[str, ...]:
+    """The side inputs ``layer.apply`` takes by keyword, e.g. ``("lengths",)``; else ``()``.
+
+    A side input is a per-call input other than the data that flows from layer to layer:
+    ``fl.rnn``'s ``lengths``, ``fl.multi_head_attention``'s ``mask``. A layer declares them
+    with ``named(layer, name, side_inputs=("mask",))``; a combinator declares those its
+    children take and passes each child only the ones it declares (:func:`route_side_inputs`).
+
+    Example:
+        >>> import fundl as fl
+        >>> from fundl.core import side_inputs
+        >>> side_inputs(fl.serial(fl.dense(8), fl.encoder_block(8, 2)))
+        ('mask',)
+    """
+    return tuple(layer_info(layer).meta.get("side_inputs", ()))
+
+
+def route_side_inputs(
+    name: str, children: tuple[tuple[str, Layer], ...], given: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """For each child, the side inputs in ``given`` that it takes (:func:`side_inputs`).
+
+    How combinators pass side inputs on: a child gets only the names it declares, so layers
+    that take none are called as before.
+
+    Args:
+        name: the combinator's display name, for the error.
+        children: its ``(path_segment, child)`` pairs.
+        given: the side inputs its ``apply`` got, by name.
+
+    Returns:
+        One dict per child, in order.
+
+    Raises:
+        TypeError: a name in ``given`` that no child takes; the message lists which
+            children take which names.
+    """
+    taken = [side_inputs(child) for _, child in children]
+    unknown = sorted(set(given) - {n for names in taken for n in names})
+    if unknown:
+        takers = "; ".join(
+            f"{segment} {layer_name(child)} takes {', '.join(n + '=' for n in names)}"
+            for (segment, child), names in zip(children, taken, strict=True)
+            if names
+        )
+        where = (
+            f"Its layers that take side inputs: {takers}."
+            if takers
+            else ("None of its layers takes side inputs.")
+        )
+        raise TypeError(f"{name}: no layer in it takes the side input {unknown[0]}=. {where}")
+    return [{n: v for n, v in given.items() if n in names} for names in taken]
 
 
 def call_at(segment: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

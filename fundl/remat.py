@@ -8,7 +8,7 @@ from typing import Any
 import jax
 
 from fundl.combinators import as_layer
-from fundl.core import Layer, call_at, layer_name, named
+from fundl.core import Layer, call_at, layer_name, named, side_inputs
 
 __all__ = ["remat"]
 
@@ -67,11 +67,13 @@ def remat(
     def init(key, *inputs):
         return call_at("remat", child.init, key, *inputs)
 
-    def apply(params, state, *inputs, key=None, train=False):
-        def run(params, state, inputs, key):
-            return child.apply(params, state, *inputs, key=key, train=train)
+    def apply(params, state, *inputs, key=None, train=False, **side):
+        def run(params, state, inputs, key, side):
+            return child.apply(params, state, *inputs, key=key, train=train, **side)
 
         checkpointed = jax.checkpoint(run, prevent_cse=prevent_cse, policy=policy)
-        return call_at("remat", checkpointed, params, state, inputs, key)
+        return call_at("remat", checkpointed, params, state, inputs, key, side)
 
-    return named(Layer(init, apply), f"remat({layer_name(child)})", (("remat", child),))
+    return named(Layer(init, apply), f"remat({layer_name(child)})", (("remat", child),),
+                 side_inputs=side_inputs(child),
+                 rebuild=lambda c: remat(c[0], policy, prevent_cse))  # fmt: skip

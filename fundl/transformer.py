@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from fundl.attention import multi_head_attention
 from fundl.combinators import residual, serial
-from fundl.core import Layer, call_at, layer_name, named, renamed
+from fundl.core import Layer, call_at, layer_info, layer_name, named, renamed
 from fundl.dense import dense
 from fundl.dropout import dropout
 from fundl.norm import layer_norm
@@ -90,7 +90,9 @@ def attention_residual(attention: Layer, norm: Layer, dropout: Layer | None = No
             )
         return x + h.astype(x.dtype), new_state
 
-    return named(Layer(init, apply), label, tuple((segments[n], c) for n, c in children.items()))
+    pairs = tuple((segments[n], c) for n, c in children.items())
+    rebuild = lambda c: attention_residual(c[1], c[0], *c[2:])  # noqa: E731 (children in order)
+    return named(Layer(init, apply), label, pairs, side_inputs=("mask",), rebuild=rebuild)
 
 
 _RENAMED = {
@@ -157,15 +159,21 @@ def _block(
     if drop is not None:
         mlp["drop"] = drop
     block = serial(attn=attention_residual(attention, norm, drop), mlp=residual(serial(**mlp)))
+    meta = layer_info(block).meta  # side inputs, how to rebuild it over new children
     if remat is None or remat is False:
-        return named(block, name, block.children)
+        return named(block, name, block.children, **meta)
     if remat is not True and not callable(remat):
         raise TypeError(
             f"{name}: remat must be None, True or a policy from jax.checkpoint_policies "
             f"(e.g. jax.checkpoint_policies.dots_saveable), got {type(remat).__name__}."
         )
     policy = None if remat is True else remat
-    return named(remat_layer(block, policy=policy), name, block.children)
+
+    def rebuild(children):
+        return remat_layer(meta["rebuild"](children), policy=policy)
+
+    return named(remat_layer(block, policy=policy), name, block.children,
+                 **{**meta, "rebuild": rebuild})  # fmt: skip
 
 
 @renamed(**_RENAMED)

@@ -198,3 +198,10 @@ def test_jitted_step_does_not_recompile():
 def test_empty_combinators_raise(build):
     with pytest.raises(ValueError, match=r"needs at least one layer, got none"):
         build()
+
+
+def test_repeat_of_a_layer_without_params():
+    stack = fl.repeat(jnp.tanh, 3)
+    x = np.array([0.5, -2.0], np.float32)
+    y, _ = stack.apply(*stack.init(jax.random.key(0), x), x)
+    np.testing.assert_allclose(y, np.tanh(np.tanh(np.tanh(x))), rtol=1e-6)  # jnp vs np tanh

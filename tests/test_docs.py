@@ -25,7 +25,7 @@ TUTORIALS = sorted((DOCS / "tutorials").glob("*.md"))
 PAGES_WITH_CODE = [ROOT / "README.md", DOCS / "index.md", *TUTORIALS]
 # Tutorials that train a model for 5-20 s: FUNDL_SLOW=1 runs them (CI does).
 SLOW_PAGES = {"attention", "cnn", "going_fast", "overfitting", "rnn", "transfer_learning",
-              "taking_out", "benchmarking", "scaling_out"}  # fmt: skip
+              "taking_out", "benchmarking", "scaling_out", "looking_inside"}  # fmt: skip
 # Pages that need optional extras (fundl[onnx], fundl[torch]): skipped with a note without them.
 NEEDS = {"taking_out": ("jax2onnx", "onnxruntime", "torch")}
 # The figures (inline SVG) each page shows once built; the other pages show none.
@@ -36,6 +36,7 @@ FIGURES = {
     "attention": 2,
     "overfitting": 3,
     "transfer_learning": 1,
+    "looking_inside": 2,
 }
 # A fence and its options (markdown-exec's `exec="on" session=...`, or none), the code.
 FENCE = re.compile(r"^```python(?P<options>[^\n]*)\n(?P<code>.*?)^```", re.S | re.M)

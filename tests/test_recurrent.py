@@ -625,3 +625,13 @@ def test_error_messages_for_misuse():
         fl.bidirectional(fl.rnn(fl.gru_cell(2), reverse=True), fl.rnn(fl.gru_cell(2), reverse=True))
     with pytest.raises(TypeError, match=re.escape("initial_carry: dense(2) is not a recurrent")):
         fl.initial_carry(fl.dense(2), (1,))
+
+
+def test_numpy_int64_lengths_need_no_cast():
+    # NumPy's default int64, with JAX's 64-bit types off: taken as int32 (no warning, which
+    # the suite's filterwarnings would turn into an error)
+    layer = fl.rnn(fl.gru_cell(3))
+    x = jnp.ones((2, 4, 2))
+    params, state = layer.init(jax.random.key(0), x)
+    y, _ = layer.apply(params, state, x, np.array([4, 2]))
+    assert bool((y[1, 2:] == 0).all()) and not bool((y[0, 2:] == 0).all())

@@ -65,7 +65,8 @@ def bidirectional(
     outputs are in input order, so step ``t`` of both directions line up); their directions
     are read from :func:`fundl.core.layer_info`. ``apply(params, state, x, lengths=None,
     carry=None)`` passes ``lengths`` to both, so the backward direction starts at each
-    sequence's own last real step; ``carry`` is an optional pair ``(forward_carry,
+    sequence's own last real step (``lengths`` is a side input: combinators pass
+    ``lengths=`` on to it); ``carry`` is an optional pair ``(forward_carry,
     backward_carry)``. Params and state are ``{"forward": ..., "backward": ...}``. When both
     layers return their carry, the output is ``(merged, (forward_carry, backward_carry))``.
 
@@ -98,7 +99,7 @@ def bidirectional(
         )
     merge_name = merge if isinstance(merge, str) else getattr(merge, "__name__", "merge")
     name = f"bidirectional({layer_name(forward)}, {layer_name(backward)}, {merge_name})"
-    merge = _merge_function(name, merge)
+    merge_fn = _merge_function(name, merge)
     _check_directions(name, forward, backward)
     with_carry = all(_rnn_meta(d).get("return_carry", False) for d in (forward, backward))
     layers = {"forward": forward, "backward": backward}
@@ -118,8 +119,9 @@ def bidirectional(
                                          state[d], x, lengths, c, key=k, train=train)  # fmt: skip
         of, ob = outs["forward"], outs["backward"]
         if with_carry:
-            return (merge(of[0], ob[0]), (of[1], ob[1])), new_state
-        return merge(of, ob), new_state
+            return (merge_fn(of[0], ob[0]), (of[1], ob[1])), new_state
+        return merge_fn(of, ob), new_state
 
     children = tuple((f"bidirectional.{d}", layer) for d, layer in layers.items())
-    return named(Layer(init, apply), name, children)
+    return named(Layer(init, apply), name, children, side_inputs=("lengths",),
+                 rebuild=lambda c: bidirectional(*c, merge))  # fmt: skip

@@ -57,6 +57,7 @@ def _time_mask(name: str, x: jax.Array, lengths: Any) -> jax.Array | None:
     if lengths is None:
         return None
     batch, time = x.shape[0], x.shape[1]
+    lengths = jnp.asarray(lengths)  # NumPy int64 lengths become int32 (JAX's default int)
     dtype = jnp.dtype(lengths.dtype)
     if dtype == jnp.bool_:
         if tuple(lengths.shape) != (batch, time):
@@ -360,7 +361,8 @@ def rnn(
         return ((ys, carry) if return_carry else ys), state
 
     meta = {"reverse": reverse, "return_carry": return_carry}
-    return named(Layer(init, apply), opts.name, (("rnn", cell.layer),), rnn=meta)
+    side = ("lengths",)  # a side input: combinators pass lengths= on (fundl.core.side_inputs)
+    return named(Layer(init, apply), opts.name, (("rnn", cell.layer),), rnn=meta, side_inputs=side)
 
 
 _DEFAULTS = {"return_sequences": True, "return_carry": False, "reverse": False, "unroll": 1,
