@@ -198,7 +198,10 @@ def check_layer(
         if vmap:
             _check_vmap(name, jitted, params, state, inputs, atol, rtol)
         if grads:
-            _check_grads(name, jitted, params, state, inputs, outputs, grad_atol, grad_rtol,
+            # the un-jitted apply: forward mode reaches the layer's own tracing (fl.rnn
+            # sees jax.jvp there; through a jitted function it could not), and the whole
+            # check is one jitted program anyway
+            _check_grads(name, run, params, state, inputs, outputs, grad_atol, grad_rtol,
                          eps, grad_modes)  # fmt: skip
         return outputs, new_state
 
@@ -238,7 +241,7 @@ def _check_vmap(name, jitted, params, state, inputs, atol, rtol):
     assert_trees_close(batched, looped, atol=atol, rtol=rtol, what=f"{name}: vmap vs loop")
 
 
-def _check_grads(name, jitted, params, state, inputs, outputs, atol, rtol, eps, modes):
+def _check_grads(name, apply, params, state, inputs, outputs, atol, rtol, eps, modes):
     float_idx = [i for i, x in enumerate(inputs) if _is_float(x)]
     rng = np.random.default_rng(1)  # NumPy draws: no eager JAX op to compile per shape
     probes = [
@@ -250,7 +253,7 @@ def _check_grads(name, jitted, params, state, inputs, outputs, atol, rtol, eps, 
         xs = list(inputs)
         for i, x in zip(float_idx, float_inputs, strict=True):
             xs[i] = x
-        out, _ = jitted(p, state, *xs)
+        out, _ = apply(p, state, *xs)
         leaves = jax.tree_util.tree_leaves(out)
         terms = [jnp.sum(o * w) for o, w in zip(leaves, probes, strict=True) if w is not None]
         return sum(terms[1:], start=terms[0]) if terms else jnp.zeros((), jnp.float64)
