@@ -185,5 +185,6 @@ def test_train_step_cost_against_a_hand_written_step():
 def test_inference_cost_counts_the_forward_pass():
     x = jnp.ones((4, 6))
     res = fl.bench.inference_cost(fl.dense(5, use_bias=False), x, rounds=2)
+    # the multiply-adds; XLA may count a few FLOPs more (as in the matmul test above): 1%
     np.testing.assert_allclose(res["fundl"].costs.flops, 2 * 4 * 6 * 5, rtol=1e-2)
     assert res["fundl"].items_per_s == pytest.approx(4 / res["fundl"].median_s)
