@@ -343,7 +343,7 @@ def jit_init(init: Any, inputs: tuple, out_shardings: Any, impl: Any) -> Any:
     The inputs enter as shapes only, so every host runs the same program, compiled once for
     any key; ``.lower(key_data).compile().memory_analysis()`` shows what one device holds.
     """
-    specs = jax.tree_util.tree_map(_shape_of, inputs)
+    specs = jax.tree_util.tree_map(shape_of, inputs)
 
     def run(key_data):
         return init(jax.random.wrap_key_data(key_data, impl=impl), *specs)
@@ -431,5 +431,6 @@ def _listing(paths: list[str]) -> str:
     return shown + (f", ... ({len(paths) - _SHOWN} more)" if len(paths) > _SHOWN else "")
 
 
-def _shape_of(x: Any) -> Any:
+def shape_of(x: Any) -> Any:
+    """``x`` as a ``jax.ShapeDtypeStruct`` (its shape and dtype, no data)."""
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
