@@ -432,5 +432,6 @@ def _listing(paths: list[str]) -> str:
 
 
 def shape_of(x: Any) -> Any:
-    """``x`` as a ``jax.ShapeDtypeStruct`` (its shape and dtype, no data)."""
-    return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+    """``x`` as a ``jax.ShapeDtypeStruct`` (its shape and dtype, no data); a Python number
+    gets the dtype JAX would give it."""
+    return jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", None) or jax.dtypes.result_type(x))

@@ -457,6 +457,29 @@ def test_graft_into_a_tuple_position_leaves_the_rest_and_the_input_unchanged():
         fl.graft(params, {"w": jnp.zeros((3,))}, at=(5,))
 
 
+def test_init_train_state_is_one_program_compiled_once_per_model():
+    model = fl.serial(fl.dense(8), jax.nn.relu, fl.dense(3))
+    opt = optax.adam(1e-2)
+    keys, x = (jax.random.key(0), jax.random.key(1)), jnp.zeros((2, 4))
+    with count_compiles() as first:
+        ts = fl.init_train_state(model, opt, keys[0], x)
+    with count_compiles() as second:  # other values and key, the same shapes: no compile
+        fl.init_train_state(model, opt, keys[1], np.ones((2, 4), np.float32))
+    assert (len(first), len(second)) == (1, 0)
+    init_key, step_key = jax.random.split(jax.random.key(0))
+    params, _ = model.init(init_key, jnp.zeros((2, 4)))  # eagerly, op by op
+    # the same draws; 1e-6 because XLA may fuse the initializers' scaling differently
+    # in one program than op by op
+    leaves = jax.tree_util.tree_leaves
+    for got, want in zip(leaves(ts.params), leaves(params), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert jax.random.key_data(ts.key).tolist() == jax.random.key_data(step_key).tolist()
+    # under an outer trace it is part of the caller's program
+    shapes = jax.eval_shape(lambda k: fl.init_train_state(model, opt, k, jnp.zeros((2, 4))),
+                            jax.random.key(0))  # fmt: skip
+    assert shapes.params[0]["w"].shape == (4, 8)
+
+
 def test_init_train_state_from_given_params():
     model = fl.serial(body=fl.dense(8), head=fl.dense(3))
     params, _ = model.init(jax.random.key(5), jnp.zeros((1, 4)))
