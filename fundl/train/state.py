@@ -122,7 +122,7 @@ FAST_COMPILE_MAX_PARAMS = 16_000_000
 """On the CPU, a model with at most this many params initialises from a program compiled
 without XLA's backend optimisations: it compiles about 3x faster (0.25 s against 0.7-1.0 s
 for an MLP's, most of it the random-number generator) and runs about 10 ns per param slower,
-a loss only past about 45 M params (``benchmarks/startup.py``)."""
+a loss only past about 45 M params (``benchmarks/RESULTS.md``, issue 17)."""
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 """XLA's options for the small models' init program."""
