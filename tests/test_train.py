@@ -486,6 +486,7 @@ def test_init_train_state_from_given_params():
     opt = optax.adam(1e-2)
     ts = fl.init_train_state(model, opt, jax.random.key(0), jnp.zeros((1, 4)), params=params)
     _assert_bitwise(ts.params, params)
+    assert ts.params["head"]["w"] is params["head"]["w"]  # the given arrays, not copies
     assert int(ts.step) == 0
     # the optimizer state is built for these params (adam's moments start at zero)
     _assert_bitwise(ts.opt_state, opt.init(params))

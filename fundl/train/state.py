@@ -93,8 +93,11 @@ def init_train_state(
     try:
         hash(static)
     except TypeError:  # e.g. an optimizer object that is not a NamedTuple of functions
-        return jax.jit(functools.partial(fresh_state, model, optimizer, specs))(key, params)
-    return _init_jit(*static, jax.typeof(key))(*static, key, params)
+        init = jax.jit(functools.partial(_from_leaves, *static))
+    else:
+        init = functools.partial(_init_jit(*static, jax.typeof(key)), *static)
+    ts = init(key, params)
+    return ts if params is None else ts._replace(params=params)  # the given arrays, no copy
 
 
 def fresh_state(
@@ -115,7 +118,10 @@ def fresh_state(
 
 
 def _from_leaves(model, optimizer, leaves, tree, key, params):
-    return fresh_state(model, optimizer, jax.tree_util.tree_unflatten(tree, leaves), key, params)
+    """:func:`fresh_state` on flat input specs; without given ``params`` among its outputs
+    (a jitted function's outputs are new buffers: they would be copies)."""
+    ts = fresh_state(model, optimizer, jax.tree_util.tree_unflatten(tree, leaves), key, params)
+    return ts if params is None else ts._replace(params=None)
 
 
 FAST_COMPILE_MAX_PARAMS = 16_000_000
