@@ -434,4 +434,5 @@ def _listing(paths: list[str]) -> str:
 def shape_of(x: Any) -> Any:
     """``x`` as a ``jax.ShapeDtypeStruct`` (its shape and dtype, no data); a Python number
     gets the dtype JAX would give it."""
-    return jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", None) or jax.dtypes.result_type(x))
+    dtype = x.dtype if hasattr(x, "dtype") else jax.dtypes.result_type(x)
+    return jax.ShapeDtypeStruct(np.shape(x), dtype)

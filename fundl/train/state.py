@@ -51,7 +51,7 @@ def init_train_state(
     The whole init runs as one jitted program, compiled once per model, optimizer and input
     shapes (eagerly, each of its random draws and fills would compile a program of its own).
     On the CPU, a model of at most :data:`FAST_COMPILE_MAX_PARAMS` params gets that program
-    compiled without XLA's backend optimisations, which compiles about 3x faster.
+    compiled without XLA's backend optimisations, which compiles 2.6-2.8x faster.
 
     Example:
         >>> import jax, jax.numpy as jnp, optax, fundl as fl
@@ -126,9 +126,10 @@ def _from_leaves(model, optimizer, leaves, tree, key, params):
 
 FAST_COMPILE_MAX_PARAMS = 16_000_000
 """On the CPU, a model with at most this many params initialises from a program compiled
-without XLA's backend optimisations: it compiles about 3x faster (0.25 s against 0.7-1.0 s
-for an MLP's, most of it the random-number generator) and runs about 10 ns per param slower,
-a loss only past about 45 M params (``benchmarks/RESULTS.md``, issue 17)."""
+without XLA's backend optimisations: it compiles 2.6-2.8x faster (0.25-0.38 s against
+0.67-1.00 s from 0.1 M to 50 M params, most of it the random-number generator) and runs
+about 10 ns per param slower, a loss only past about 45 M params (``benchmarks/RESULTS.md``,
+issue 17)."""
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 """XLA's options for the small models' init program."""
@@ -139,9 +140,8 @@ _INIT_FAST = jax.jit(_from_leaves, static_argnums=(0, 1, 2, 3), compiler_options
 
 @functools.lru_cache(maxsize=64)
 def _init_jit(model, optimizer, leaves, tree, key_type) -> Any:
-    """The jitted init for this model, optimizer and inputs: one program, compiled once per
-    process (the eager ops of an init compile one small program each, a second on the CPU
-    for the MLP's 20)."""
+    """The jitted init for this model, optimizer and inputs (jit's cache then holds their
+    program): on the CPU, the fast-compiling one for at most FAST_COMPILE_MAX_PARAMS params."""
     if jax.default_backend() != "cpu":
         return _INIT
     shapes = jax.eval_shape(functools.partial(_from_leaves, model, optimizer, leaves, tree),
