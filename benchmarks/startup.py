@@ -3,9 +3,9 @@
     python -m benchmarks --suite startup      # or: python -m benchmarks.startup [--quick]
 
 Every sample is a new Python process (``sys.executable -c``), so nothing is warm but what a
-user's second run has: the disk cache of compiled programs (:mod:`fundl.compilation_cache`)
-and the operating system's file cache. Three cases, implementations interleaved round by
-round:
+user's second run has: the disk cache of compiled programs (:mod:`fundl.compilation_cache`),
+Python's bytecode cache and the operating system's file cache. Three cases, implementations
+interleaved round by round:
 
 - ``examples/mnist_mlp.py`` from the process's start to the end of its first epoch (a
   callback added to ``fl.fit`` by the driver stamps the time and ends the process): cache off,
@@ -168,6 +168,9 @@ def child(code: str, cache: str | os.PathLike[str] | None) -> tuple[dict, float,
     """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
            os.environ.get("PYTHONPATH")])), "FUNDL_COMPILATION_CACHE": str(cache)}  # fmt: skip
+    # Python's default: modules' bytecode cached in __pycache__, as a user's second run has
+    # it (pip writes it at install; without it importing fundl takes 0.1 s, not 0.02 s)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     cpu_before, start = _children_cpu(), time.time()
     proc = subprocess.run([sys.executable, "-c", _STAMP + code], cwd=ROOT, env=env, text=True,
                           capture_output=True, check=False, timeout=600)  # fmt: skip
